@@ -1,0 +1,59 @@
+"""Image preprocessing for calibration folders and bundled photos.
+
+Explicit and typed: resize the short side, center-crop, then ``(pixel - mean) / std`` per
+channel on 0..255 RGB values. Nothing is guessed from the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    resize: int = 256  # short side, pixels
+    crop: int = 224
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)  # on 0..255 RGB
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+
+    def to_dict(self) -> dict:
+        return dict(resize=self.resize, crop=self.crop, mean=list(self.mean), std=list(self.std), layout="NCHW RGB")
+
+    def normalize(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 uint8 -> 3xHxW float32."""
+        x = (rgb.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def center(self, img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB")
+        w, h = img.size
+        s = self.resize / min(w, h)
+        img = img.resize((max(self.crop, round(w * s)), max(self.crop, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        return self.normalize(np.asarray(img.crop((left, top, left + self.crop, top + self.crop))))
+
+    def random_crop(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """Inception-style random-resized crop (area 8%-100%, aspect 3/4-4/3) plus a random flip."""
+        img = img.convert("RGB")
+        w, h = img.size
+        for _ in range(10):
+            area = w * h * rng.uniform(0.08, 1.0)
+            ar = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(area * ar))), int(round(np.sqrt(area / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                break
+        else:
+            cw = ch = min(w, h)
+            x0, y0 = (w - cw) // 2, (h - ch) // 2
+        crop = img.crop((x0, y0, x0 + cw, y0 + ch)).resize((self.crop, self.crop), Image.BICUBIC)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        return self.normalize(np.asarray(crop))
+
+
+LITE0 = Preprocess()  # EfficientNet-Lite0: 224/0.875 resize, 224 crop, (x - 127) / 128

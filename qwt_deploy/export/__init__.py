@@ -1,0 +1,1 @@
+"""Step 4 of the pipeline: the IR and its quantization parameters -> QDQ ONNX."""

@@ -1,0 +1,1 @@
+"""The graph IR shared by the PyTorch simulation and the ONNX emitter."""

@@ -1,0 +1,1 @@
+"""Where quantizers go for each target, their arithmetic, and the PyTorch simulation."""

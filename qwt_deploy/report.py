@@ -1,0 +1,66 @@
+"""The run summary: a JSON report next to the model and a readable terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .atomic import atomic_write_bytes
+
+
+def write_json(report: dict, path: str) -> None:
+    def clean(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [clean(v) for v in o]
+        return o
+
+    atomic_write_bytes(path, (json.dumps(clean(report), indent=2, sort_keys=True) + "\n").encode())
+
+
+def table(rows: list[tuple[str, str]], title: str) -> str:
+    w = max(len(k) for k, _ in rows)
+    line = "-" * (w + 3 + max(len(v) for _, v in rows))
+    out = [title, line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line]
+    return "\n".join(out)
+
+
+def summary_rows(r: dict) -> list[tuple[str, str]]:
+    q, a, lat, cov = r["quantization"], r["ort_vs_pytorch"], r.get("latency") or {}, r["int8_coverage"]
+    rows = [
+        ("model", r["model"]),
+        ("output", r["output"]),
+        ("method / bits", f"{q['method']}  W{q['w_bits']}A{q['a_bits']}  ({q['calib_method']} activations)"),
+        ("calibration", f"{r['calibration']['samples']} samples from {r['calibration']['source']}, {r['timing_s']['calibrate']:.1f} s"),
+        ("compensated layers", f"{len(r['layers'])}, folded {r['folded_layers']} (no extra nodes)"),
+        ("INT8 kernels in ORT", f"{cov['integer_ops']}/{cov['compute_ops']} compute ops ({', '.join(f'{k} {v}' for k, v in sorted(cov['by_type'].items()))})"),
+        ("ORT vs PyTorch sim", f"top-1 agree {a['top1_agreement']:.3f}, within 1 step {a['within_1_step']:.4f}, max {a['max_steps']:.2f} steps"),
+        ("file size", f"{r['size_bytes']['int8'] / 1e6:.2f} MB (FP32 {r['size_bytes']['fp32'] / 1e6:.2f} MB)"),
+    ]
+    if lat:
+        rows.append(("latency bs1, 2 thr", f"INT8 {lat['int8_ms']:.2f} ms vs FP32 {lat['fp32_ms']:.2f} ms ({lat['ratio']:.2f}x)"))
+    rows.append(("total wall time", f"{r['timing_s']['total']:.1f} s"))
+    return rows
+
+
+def layer_rows(r: dict, top: int = 8) -> str:
+    layers = [l for l in r["layers"] if l.get("mse_before", 0) > 0]
+    layers.sort(key=lambda l: -(l["sqnr_after_db"] - l["sqnr_before_db"]))
+    lines = [f"{'layer':<34} {'alpha min..max':>16} {'SQNR dB before->after':>22}"]
+    for l in layers[:top]:
+        lines.append(f"{l['name'][:34]:<34} {l['alpha_min']:>7.3f}..{l['alpha_max']:<7.3f} "
+                     f"{l['sqnr_before_db']:>9.1f} -> {l['sqnr_after_db']:<9.1f}")
+    return "\n".join(lines)
+
+
+def default_report_path(onnx_path: str) -> str:
+    base = onnx_path[:-5] if onnx_path.endswith(".onnx") else onnx_path
+    return base + ".report.json"
+
+
+def file_size(path: str) -> int:
+    return os.path.getsize(path)

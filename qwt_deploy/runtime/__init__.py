@@ -1,0 +1,1 @@
+"""Step 6: run the exported model (ONNX Runtime on CPU here; TensorRT where it exists)."""

@@ -1,0 +1,40 @@
+"""ONNX Runtime sessions, Polygraphy-style: a loader named for what it makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class SessionFromOnnx:
+    """Build a CPU ``InferenceSession`` from a file path or serialized model bytes.
+
+    ``allow_spinning=False`` matters when two sessions live in one process (benchmarks):
+    idle spinning threads of one session otherwise steal the other's cores.
+    """
+
+    model: "str | bytes"
+    threads: int = 2
+    optimized_model_path: Optional[str] = None
+    allow_spinning: bool = True
+    level: str = "all"  # all | disable
+
+    def __call__(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.level == "all"
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        if self.optimized_model_path:
+            so.optimized_model_filepath = self.optimized_model_path
+        if not self.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
+
+
+def run(session, x):
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
