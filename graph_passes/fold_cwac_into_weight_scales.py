@@ -112,10 +112,10 @@ def fold_match(graph: gs.Graph, m: _Match) -> None:
     old_bias = _dequantized_bias(m.layer)  # float64 [C] or None
     bias = beta + (alpha_eff * old_bias if old_bias is not None else 0.0)
 
-    name = m.layer.name
-    dq.inputs[0] = gs.Constant(f"{name}.weight_quantized_folded", new_codes)
-    dq.inputs[1] = gs.Constant(f"{name}.weight_scale_folded", new_scale)
-    _set_bias(graph, m.layer, bias, new_scale)
+    base = dq.inputs[0].name.removesuffix("_quantized")  # e.g. "stem.weight"
+    dq.inputs[0] = gs.Constant(f"{base}_quantized_folded", new_codes)
+    dq.inputs[1] = gs.Constant(f"{base}_scale_folded", new_scale)
+    _set_bias(graph, m.layer, bias, new_scale, base.removesuffix(".weight"))
 
     # bypass Mul and Add: the layer now produces what Add produced
     out = m.add.outputs[0]
@@ -154,8 +154,7 @@ def _dequantized_bias(layer: gs.Node) -> Optional[np.ndarray]:
     return None if v is None else v.astype(np.float64)
 
 
-def _set_bias(graph: gs.Graph, layer: gs.Node, bias: np.ndarray, weight_scale: np.ndarray) -> None:
-    name = layer.name
+def _set_bias(graph: gs.Graph, layer: gs.Node, bias: np.ndarray, weight_scale: np.ndarray, name: str) -> None:
     int32_bias = _bias_dq(layer) is not None or (len(layer.inputs) < 3 and _input_scale(layer) is not None
                                                  and _layer_uses_int32_bias(graph))
     if int32_bias:
