@@ -151,7 +151,7 @@ class _Translator:
 
     def _call(self, n) -> None:
         t, args = n.target, n.args
-        if t in _SKIP_FUNCS or t is operator.getitem and False:
+        if t in _SKIP_FUNCS:
             return
         if t in _IDENTITY:
             self.alias[n.name] = self._val(args[0])
