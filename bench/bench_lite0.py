@@ -24,8 +24,8 @@ import tempfile
 import time
 
 import numpy as np
-import onnx
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,7 +82,7 @@ def main() -> None:
     xc = crops(calibration_photos(), n_cal, LITE0, seed=0)
     xe = crops(evaluation_photos(), n_eval, LITE0, seed=1)
     lab = labelled_evaluation_photos()
-    xl = np.stack([LITE0.center(__import__("PIL.Image").Image.open(p.path)) for p in lab])
+    xl = np.stack([LITE0.center(Image.open(p.path)) for p in lab])
     yl = np.array([p.label for p in lab])
     res["calibration_photos"] = len(calibration_photos())
     res["eval_photos"] = len(evaluation_photos())
