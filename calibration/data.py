@@ -76,6 +76,10 @@ def load_calibration(source: str, input_shape: tuple, num: int, pre: Preprocess,
         from .photos import calibration_photos, crops
 
         x = crops(calibration_photos(), num, pre, seed)
+    elif source.startswith("example:"):  # a built-in example's own data (qwt_deploy/examples)
+        from qwt_deploy.examples import example_from_source
+
+        x = example_from_source(source).calibration(num, seed)
     elif os.path.isdir(source):
         x = load_image_folder(source, pre, num)
     elif os.path.isfile(source):

@@ -31,11 +31,13 @@ import torch
 
 from qwt_deploy.graph.ir import Graph
 from qwt_deploy.graph.ops import OPS, Role
-from qwt_deploy.quantize.fake_quant import fit_weight_scale_to_int32_bias, quantize_weight
+from qwt_deploy.quantize.fake_quant import fit_weight_scale_to_int32_bias, quantize_weight, symmetric_act_quant
 from qwt_deploy.quantize.placement import QuantPlan
-from qwt_deploy.quantize.simulate import QuantParams, apply_affine, channel_dim, quantized_weights
+from qwt_deploy.quantize.simulate import QuantParams, apply_affine, channel_dim, deployed_weights, quantized_weights
 
 from .cwac import ChannelStats, fit_affine
+from .qwt_branch import BlockReport, fit_block_branch, uses_cwac
+from qwt_deploy.graph.blocks import QWT_BRANCH
 from .observers import observe
 
 
@@ -46,9 +48,13 @@ class CalibrationSettings:
     calib_method: str = "minmax"  # activation observer: minmax | percentile | mse
     percentile: float = 99.99
     weight_observer: str = "auto"  # minmax | mse | auto (mse below 8 bits)
-    method: str = "qwt2"  # none | bias-correction | qwt2
+    method: str = "qwt2"  # none | bias-correction | qwt | qwt2 | qwt,qwt2
     ridge: float = 1e-3
     reference: str = "same-input"  # same-input | float-input
+    # QwT (v1) block branches (calibration/qwt_branch.py), for methods that include "qwt"
+    qwt_ridge: float = 1e-3  # relative to the block input's mean variance; 0 = plain least squares
+    qwt_group_channels: int = 64  # CNN branch: input channels per group of the 1x1 conv (0 = dense)
+    qwt_blocks: str = "auto"  # block rule: auto | residual | a regex on node names (graph/blocks.py)
 
 
 @dataclass
@@ -72,10 +78,15 @@ class CalibrationResult:
     params: QuantParams
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    blocks: list[BlockReport] = field(default_factory=list)  # QwT (v1) branches, per block
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _scaled(bias: Optional[torch.Tensor], alpha) -> torch.Tensor | float:
+    return 0.0 if bias is None else bias * torch.from_numpy(alpha).to(bias.dtype)
 
 
 def _sqnr_db(var: float, mse: float) -> float:
@@ -93,7 +104,7 @@ def calibrate(
 ) -> CalibrationResult:
     t0 = time.perf_counter()
     s = settings
-    params = QuantParams()
+    params = QuantParams(int32_bias=plan.int32_bias)
     w_obs = s.weight_observer if s.weight_observer != "auto" else ("mse" if s.w_bits < 8 else "minmax")
     for n in graph.nodes:
         if n.name in plan.weighted:
@@ -101,47 +112,62 @@ def calibrate(
 
     quant: dict[str, list[torch.Tensor]] = {}  # what readers see
     ref: dict[str, list[torch.Tensor]] = {}  # pre-quantizer values (float-input reference)
-    keep_ref = s.reference == "float-input" and s.method != "none"
+    raw: dict[str, list[torch.Tensor]] = {}  # float values that some readers read unquantized (trt edges)
+    keep_ref = s.reference == "float-input" and uses_cwac(s.method)
     last = graph.last_use()
     reports: list[LayerReport] = []
+    block_reports: list[BlockReport] = []
 
     def settle(value: str, ys: list[torch.Tensor]) -> None:
         if plan.is_quantized(value):
             root = plan.root(value)
-            if root == value:
+            if root == value and value not in params.acts:  # preset: a skipped QwT branch reuses Y's
                 params.acts[value] = observe(ys, s.calib_method, s.a_bits, s.percentile)
+                if plan.signed_activations:  # TensorRT: zero point 0
+                    params.acts[value] = symmetric_act_quant(params.acts[value])
             else:
                 params.acts[value] = params.acts[root]
             q = params.acts[value]
             quant[value] = [q(y) for y in ys]
+            if plan.has_float_readers(value):
+                raw[value] = ys
             if keep_ref:
                 ref[value] = ys
         else:
             quant[value] = ys
 
-    x_in = graph.inputs[0]
-    # channels_last makes CPU (oneDNN) convolutions 2-3x faster on 4-D activations.
-    settle(x_in, [_fast_layout(b.float()) for b in batches])
+    if len(graph.inputs) == 1 and torch.is_tensor(batches[0]):
+        x_in = graph.inputs[0]
+        # channels_last makes CPU (oneDNN) convolutions 2-3x faster on 4-D activations.
+        settle(x_in, [_fast_layout(b.float()) for b in batches])
+    else:  # several inputs (token ids, attention mask): each batch is a tuple in graph.inputs order
+        for k, v in enumerate(graph.inputs):
+            settle(v, [b[k].float() if graph.is_float_input(v) else b[k] for b in batches])
     total = len(graph.nodes)
     with torch.no_grad():
         for i, n in enumerate(graph.nodes):
             if progress:
                 progress(i, total, n.name)
             spec = OPS[n.op]
-            ins = [quant[v] for v in n.inputs]
+            ins = [raw[v] if v in raw and not plan.sees_quantized(v, n.name) else quant[v] for v in n.inputs]
             if spec.role is Role.WEIGHTED:
-                params.weights[n.name] = fit_weight_scale_to_int32_bias(
-                    params.weights[n.name], n.weight, n.bias, params.acts[n.inputs[0]].scale)
+                if params.int32_bias:  # only an INT32 bias can overflow (a float bias cannot)
+                    params.weights[n.name] = fit_weight_scale_to_int32_bias(
+                        params.weights[n.name], n.weight, n.bias, params.acts[n.inputs[0]].scale)
                 wq, bq = quantized_weights(n, params)
                 ys = [spec.forward(n, [x], wq, bq) for x in ins[0]]
-                if s.method != "none":
+                if uses_cwac(s.method):
                     stats = ChannelStats(channel_dim(n))
                     refs = ref.get(n.inputs[0], ins[0]) if keep_ref else ins[0]
                     for y, x in zip(ys, refs):
                         stats.update(y, spec.forward(n, [x], n.weight, n.bias))
                     fit = fit_affine(stats, s.ridge, fix_alpha=(s.method == "bias-correction"))
                     params.cwac[n.name] = fit
-                    ys = [apply_affine(y, fit, channel_dim(n)) for y in ys]
+                    # continue with the folded layer, what the deployed graph computes: its
+                    # re-rounded bias differs from alpha*b+beta (see fold_arithmetic). Computed
+                    # as alpha*y + shift rather than a second convolution pass, to save time.
+                    _, bd = deployed_weights(n, params)
+                    ys = [apply_affine(y, fit, channel_dim(n), shift=bd - _scaled(bq, fit.alpha)) for y in ys]
                     reports.append(LayerReport(
                         name=n.name, op=n.op, channels=len(fit.alpha),
                         alpha_min=float(fit.alpha.min()), alpha_mean=float(fit.alpha.mean()),
@@ -152,6 +178,18 @@ def calibrate(
                         sqnr_after_db=_sqnr_db(fit.var_fp, fit.mse_after)))
                 else:
                     reports.append(LayerReport(name=n.name, op=n.op, channels=int(n.weight.shape[0])))
+            elif n.op == QWT_BRANCH:
+                # QwT (v1): the block's Y is final (quantized if the target quantizes it for
+                # this reader); fit the branch against the FP block on the kept X_q, add it,
+                # and let settle() put Y' through its own quantizer (ort) before any reader.
+                fit, rep = fit_block_branch(graph, n, ins, s.qwt_ridge, s.qwt_group_channels)
+                params.branches[n.name] = fit
+                block_reports.append(rep)
+                ys = [fit.apply(x, y) for x, y in zip(ins[0], ins[1])]
+                y_v = n.inputs[1]
+                if not fit.kept and plan.is_quantized(n.output) and plan.root(n.output) == n.output \
+                        and plan.sees_quantized(y_v, n.name):
+                    params.acts[n.output] = params.acts[y_v]  # no branch: no second quantizer either
             else:
                 ys = [spec.forward(n, list(xs), n.weight, n.bias) for xs in zip(*ins)]
             if n.activation is not None:
@@ -161,6 +199,7 @@ def calibrate(
                 if last.get(v) == i:
                     quant.pop(v, None)
                     ref.pop(v, None)
+                    raw.pop(v, None)
     if progress:
         progress(total, total, "done")
-    return CalibrationResult(params=params, layers=reports, seconds=time.perf_counter() - t0)
+    return CalibrationResult(params=params, layers=reports, seconds=time.perf_counter() - t0, blocks=block_reports)

@@ -4,6 +4,9 @@ Each pass is a pure *selector* (does this node group match?) and an *action* (th
 rewrite), ends with ``graph.cleanup().toposort()``, and states its preconditions.
 """
 
+from .check_trt_rules import Finding, check_trt_rules, format_findings
 from .fold_cwac_into_weight_scales import fold_cwac_into_weight_scales
+from .rewrite_layers_as_integer_accumulators import rewrite_layers_as_integer_accumulators
 
-__all__ = ["fold_cwac_into_weight_scales"]
+__all__ = ["fold_cwac_into_weight_scales", "check_trt_rules", "format_findings", "Finding",
+           "rewrite_layers_as_integer_accumulators"]

@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from qwt_deploy.quantize.fold_arithmetic import fold_affine, int32_bias_codes
+
 _LAYERS = ("Conv", "Gemm")
 
 
@@ -66,6 +68,9 @@ def select_cwac_pair(layer: gs.Node) -> Optional[_Match]:
     - its output has exactly one reader, a Mul by a constant per-channel vector, whose
       output has exactly one reader, an Add of a constant per-channel vector;
     - the layer's output is not a graph output.
+
+    QwT (v1) branches (a float 1x1 Conv or MatMul + Add beside the QDQ graph) never match:
+    their weights are float initializers, not a DequantizeLinear of INT8 codes.
     """
     if layer.op not in _LAYERS or len(layer.outputs[0].outputs) != 1:
         return None
@@ -97,20 +102,10 @@ def select_cwac_pair(layer: gs.Node) -> Optional[_Match]:
 def fold_match(graph: gs.Graph, m: _Match) -> None:
     """Action: rewrite weight codes/scale and bias, then bypass the Mul/Add."""
     dq = m.weight_dq
-    codes = dq.inputs[0].values.astype(np.int16)
-    scale = dq.inputs[1].values.astype(np.float64)
-    alpha, beta = m.alpha, m.beta
-    shape = (-1,) + (1,) * (codes.ndim - 1)
-
-    sign = np.where(alpha < 0, -1, 1)
-    dead = np.abs(alpha) < 1e-12
-    new_codes = (codes * sign.reshape(shape)).astype(np.int8)
-    new_codes[dead] = 0
-    new_scale = np.where(dead, scale, np.abs(alpha) * scale).astype(np.float32)
-    alpha_eff = np.where(dead, 0.0, alpha)
-
-    old_bias = _dequantized_bias(m.layer)  # float64 [C] or None
-    bias = beta + (alpha_eff * old_bias if old_bias is not None else 0.0)
+    codes = dq.inputs[0].values
+    axis = dq.attrs.get("axis", 1) % codes.ndim  # DequantizeLinear's default axis is 1
+    folded = fold_affine(codes, dq.inputs[1].values, _dequantized_bias(m.layer), m.alpha, m.beta, axis)
+    new_codes, new_scale, bias = folded.codes, folded.scale, folded.bias
 
     base = dq.inputs[0].name.removesuffix("_quantized")  # e.g. "stem.weight"
     dq.inputs[0] = gs.Constant(f"{base}_quantized_folded", new_codes)
@@ -158,11 +153,10 @@ def _set_bias(graph: gs.Graph, layer: gs.Node, bias: np.ndarray, weight_scale: n
     int32_bias = _bias_dq(layer) is not None or (len(layer.inputs) < 3 and _input_scale(layer) is not None
                                                  and _layer_uses_int32_bias(graph))
     if int32_bias:
-        s_x = _input_scale(layer)
-        s_b = (np.float32(s_x) * weight_scale.astype(np.float32)).astype(np.float32)
-        q = np.round(bias / s_b.astype(np.float64))
-        if np.any(np.abs(q) > 2**31 - 1):
-            raise ValueError(f"{name}: folded bias overflows INT32; lower the CWAC ridge or keep the Mul/Add")
+        try:
+            q, s_b = int32_bias_codes(bias, _input_scale(layer), weight_scale)
+        except ValueError:
+            raise ValueError(f"{name}: folded bias overflows INT32; lower the CWAC ridge or keep the Mul/Add") from None
         codes = gs.Constant(f"{name}.bias_quantized_folded", q.astype(np.int32))
         scale = gs.Constant(f"{name}.bias_scale_folded", s_b)
         zp = gs.Constant(f"{name}.bias_zero_point_folded", np.zeros(s_b.shape, np.int32))
@@ -186,12 +180,98 @@ def _layer_uses_int32_bias(graph: gs.Graph) -> bool:
     return False
 
 
+@dataclass
+class _MatMulMatch:
+    layer: gs.Node  # MatMul(x, DQ(W [in, out]))
+    bias_add: Optional[gs.Node]  # Add(layer, bias [C]) or None
+    mul: gs.Node
+    add: gs.Node
+    weight_dq: gs.Node
+    alpha: np.ndarray
+    beta: np.ndarray
+
+
+def _sole_reader(node: gs.Node, op: str) -> Optional[gs.Node]:
+    readers = node.outputs[0].outputs
+    return readers[0] if len(readers) == 1 and readers[0].op == op else None
+
+
+def select_matmul_cwac(layer: gs.Node) -> Optional[_MatMulMatch]:
+    """Selector for a linear on token activations (batch, tokens, dim), which is exported as
+    MatMul with a pre-transposed weight. Preconditions, all required:
+
+    - ``layer`` is MatMul whose second input is DequantizeLinear(INT8 constant [in, out],
+      per-channel scale [out] on axis 1 (the output channels), zero point 0);
+    - its output has exactly one reader: optionally an Add of a constant bias [C] (itself
+      read once), then a Mul by a constant per-channel vector read once by an Add of a
+      constant per-channel vector;
+    - the layer's output is not a graph output (it has a reader).
+    """
+    if layer.op != "MatMul" or len(layer.inputs) != 2:
+        return None
+    w_in = layer.inputs[1]
+    if len(w_in.inputs) != 1 or w_in.inputs[0].op != "DequantizeLinear":
+        return None
+    dq = w_in.inputs[0]
+    codes, scale = _const(dq.inputs[0]), _const(dq.inputs[1])
+    if codes is None or scale is None or codes.dtype != np.int8 or codes.ndim != 2 or scale.ndim != 1:
+        return None
+    if dq.attrs.get("axis", 1) % 2 != 1 or scale.size != codes.shape[1]:
+        return None
+    if len(dq.inputs) > 2 and _const(dq.inputs[2]) is not None and np.any(_const(dq.inputs[2]) != 0):
+        return None
+    channels = scale.size
+    bias_add = _sole_reader(layer, "Add")
+    if bias_add is not None and (bias_add.inputs[0] is not layer.outputs[0]
+                                 or _channel_vector(bias_add.inputs[1], channels) is None):
+        bias_add = None
+    first = bias_add or layer
+    mul = _sole_reader(first, "Mul")
+    if mul is None or len(mul.outputs[0].outputs) != 1:
+        return None
+    alpha = _channel_vector(mul.inputs[1], channels)
+    add = _sole_reader(mul, "Add")
+    if alpha is None or add is None:
+        return None
+    beta = _channel_vector(add.inputs[1], channels)
+    if beta is None:
+        return None
+    return _MatMulMatch(layer, bias_add, mul, add, dq, alpha, beta)
+
+
+def fold_matmul_match(graph: gs.Graph, m: _MatMulMatch) -> None:
+    """Action: new codes/scale on axis 1 (alpha < 0 negates the INT8 column), the float bias
+    becomes alpha*b + beta in one Add, and the CWAC Mul/Add are bypassed."""
+    dq = m.weight_dq
+    bias = m.bias_add.inputs[1].values.reshape(-1).astype(np.float64) if m.bias_add is not None else None
+    f = fold_affine(dq.inputs[0].values, dq.inputs[1].values, bias, m.alpha, m.beta, axis=1)
+    base = dq.inputs[0].name.removesuffix("_quantized")
+    dq.inputs[0] = gs.Constant(f"{base}_quantized_folded", f.codes)
+    dq.inputs[1] = gs.Constant(f"{base}_scale_folded", f.scale)
+    new_bias = gs.Constant(f"{base.removesuffix('.weight')}.bias_folded", f.bias.astype(np.float32))
+    out = m.add.outputs[0]
+    if m.bias_add is not None:
+        m.bias_add.inputs[1] = new_bias
+        m.bias_add.outputs[0] = out
+        m.add.outputs.clear()
+        m.add.inputs.clear()
+    else:  # the CWAC Add becomes the bias Add
+        m.add.inputs[0] = m.layer.outputs[0]
+        m.add.inputs[1] = new_bias
+    m.mul.outputs.clear()
+    m.mul.inputs.clear()
+
+
 def fold_cwac_into_weight_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Fold every CWAC Mul/Add pair; returns the new model and how many layers were folded."""
     graph = gs.import_onnx(model)
     matches = [m for m in (select_cwac_pair(n) for n in list(graph.nodes)) if m is not None]
     for m in matches:
         fold_match(graph, m)
+    matmuls = [m for m in (select_matmul_cwac(n) for n in list(graph.nodes)) if m is not None]
+    for m in matmuls:
+        fold_matmul_match(graph, m)
+    matches += matmuls
     graph.cleanup().toposort()
     out = gs.export_onnx(graph)
     out.ir_version = model.ir_version

@@ -8,9 +8,9 @@ from typing import Optional
 from calibration.preprocess import Preprocess
 from calibration.sequential import CalibrationSettings
 
-METHODS = ("none", "bias-correction", "qwt2")
+METHODS = ("none", "bias-correction", "qwt", "qwt2", "qwt,qwt2")  # qwt = QwT (v1) block branches
 CALIB_METHODS = ("minmax", "percentile", "mse")
-TARGETS = ("ort",)
+TARGETS = ("ort", "trt")  # ONNX Runtime CPU integer kernels | TensorRT explicit quantization
 
 
 @dataclass
@@ -31,6 +31,9 @@ class ExportConfig:
     threads: int = 2
     keep_unfolded: bool = False
     example_shape: tuple[int, ...] = (3, 224, 224)  # only for nn.Modules that need tracing
+    labels_file: Optional[str] = None  # class names, one per line, written into the ONNX metadata
+    # op kinds that stay float (placement.DEFAULT_KEEP_FLOAT); e.g. add "add" for transformers
+    keep_float: tuple[str, ...] = ("layer_norm", "softmax", "gelu")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -14,7 +14,8 @@ import onnx
 import torch
 
 from calibration.data import batches, load_calibration
-from calibration.sequential import calibrate
+from calibration.qwt_branch import compensation_summary, with_qwt_branches
+from calibration.sequential import CalibrationResult, calibrate
 from graph_passes import fold_cwac_into_weight_scales
 
 from . import __version__
@@ -24,7 +25,7 @@ from .config import ExportConfig
 from .errors import QwtError
 from .export.qdq import export_onnx
 from .load.capture import capture, export_program
-from .load.model_file import load_model
+from .load.model_file import LoadedModel, load_model
 from .quantize.placement import PLANNERS
 from .quantize.simulate import SimulatedModel
 from .report import default_report_path, write_json
@@ -60,22 +61,44 @@ def interleaved_latency_ms(sessions: dict, x: np.ndarray, rounds: int = 7, per_r
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], None]] = None,
-               log: Callable[[str], None] = print) -> dict:
-    t_start = time.perf_counter()
-    timing = {}
-    check_writable(cfg.output)
-    report_path = default_report_path(cfg.output)
-    check_writable(report_path)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
+@dataclass
+class QuantizedModel:
+    """Steps 1-3 of the pipeline (load+capture, calibration data, calibrate+compensate), kept
+    together so other tools (qwt-check, benches) quantize exactly as qwt-export does."""
+    loaded: LoadedModel
+    graph: object  # qwt_deploy.graph.ir graph
+    plan: object  # quantizer placement for cfg.target
+    params: dict  # result.params, as export_onnx/SimulatedModel take them
+    result: CalibrationResult
+    calib: np.ndarray  # the calibration array actually used
+    in_shape: tuple  # input shape without the batch axis
+    timing: dict = field(default_factory=dict)
 
+
+@dataclass
+class ExportedModel:
+    """Steps 4-5: the QDQ export with CWAC as explicit Mul/Add, and the folded graph that ships."""
+    unfolded: onnx.ModelProto
+    folded: onnx.ModelProto
+    data: bytes  # folded.SerializeToString()
+    n_folded: int
+    seconds: float = 0.0
+
+
+def quantize_model(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], None]] = None,
+                   log: Callable[[str], None] = print) -> QuantizedModel:
+    timing = {}
     # 1. load + capture
     t = time.perf_counter()
     loaded = load_model(cfg.model, cfg.model_factory, cfg.trust_pickle)
     program = loaded.program or export_program(loaded.module, torch.zeros((2,) + tuple(cfg.example_shape)))
     graph = capture(program)
-    plan = PLANNERS[cfg.target](graph)
+    if len(graph.inputs) != 1 or not graph.is_float_input(graph.inputs[0]):
+        raise QwtError(f"the model takes {len(graph.inputs)} inputs ({', '.join(graph.inputs)}), not one float tensor",
+                       "qwt-export calibrates single-input float models; quantize token models (input_ids + "
+                       "attention_mask) from Python, as qwt_deploy.examples.minilm.quantize does")
+    graph = with_qwt_branches(graph, cfg.quant.method, cfg.quant.qwt_blocks)  # QwT (v1): a branch node per block
+    plan = PLANNERS[cfg.target](graph, keep_float=tuple(cfg.keep_float))
     timing["load_capture"] = time.perf_counter() - t
 
     # 2. calibration data
@@ -89,21 +112,62 @@ def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], N
     # 3. calibrate + compensate (sequential, closed form)
     result = calibrate(graph, plan, batches(x, cfg.batch_size), cfg.quant, progress)
     timing["calibrate"] = result.seconds
+    return QuantizedModel(loaded=loaded, graph=graph, plan=plan, params=result.params, result=result,
+                          calib=x, in_shape=in_shape, timing=timing)
+
+
+def export_metadata(cfg: ExportConfig, in_shape) -> dict:
+    from .edge.metadata import export_metadata as edge_metadata  # the JSON keys the edge runtime reads
+
+    return {"qwt_deploy.version": __version__, "qwt_deploy.method": cfg.quant.method,
+            "qwt_deploy.bits": f"W{cfg.quant.w_bits}A{cfg.quant.a_bits}", "qwt_deploy.target": cfg.target,
+            **edge_metadata(cfg.preprocess.to_dict(), in_shape, cfg.calib_data, cfg.labels_file)}
+
+
+def export_folded(qm: QuantizedModel, cfg: ExportConfig, tensor_names: Optional[dict] = None) -> ExportedModel:
+    """4. export (CWAC as explicit Mul/Add) and 5. fold; checked with onnx.checker full_check.
+    ``tensor_names`` (optional) is filled with IR value -> ONNX tensor name (see export_onnx)."""
+    t = time.perf_counter()
+    unfolded = export_onnx(qm.graph, qm.plan, qm.params, export_metadata(cfg, qm.in_shape), tensor_names=tensor_names)
+    folded, n_folded = fold_cwac_into_weight_scales(unfolded)
+    onnx.checker.check_model(folded, full_check=True)
+    return ExportedModel(unfolded=unfolded, folded=folded, data=folded.SerializeToString(), n_folded=n_folded,
+                         seconds=time.perf_counter() - t)
+
+
+def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], None]] = None,
+               log: Callable[[str], None] = print) -> dict:
+    t_start = time.perf_counter()
+    check_writable(cfg.output)
+    report_path = default_report_path(cfg.output)
+    check_writable(report_path)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+
+    # 1-3. load + capture, calibration data, calibrate + compensate
+    qm = quantize_model(cfg, progress, log)
+    loaded, graph, plan, result, x, in_shape = qm.loaded, qm.graph, qm.plan, qm.result, qm.calib, qm.in_shape
+    timing = dict(qm.timing)
 
     # 4. export (CWAC as explicit Mul/Add) and 5. fold
     t = time.perf_counter()
-    meta = {"qwt_deploy.version": __version__, "qwt_deploy.method": cfg.quant.method,
-            "qwt_deploy.bits": f"W{cfg.quant.w_bits}A{cfg.quant.a_bits}", "qwt_deploy.target": cfg.target,
-            "qwt_deploy.preprocess": str(cfg.preprocess.to_dict()), "qwt_deploy.input_shape": str(list(in_shape))}
-    unfolded = export_onnx(graph, plan, result.params, meta)
-    folded, n_folded = fold_cwac_into_weight_scales(unfolded)
-    onnx.checker.check_model(folded, full_check=True)
+    ex = export_folded(qm, cfg)
+    unfolded, folded, n_folded, data = ex.unfolded, ex.folded, ex.n_folded, ex.data
+    trt_rules = check_trt_export(folded, log) if cfg.target == "trt" else None  # before writing: errors fail
     fp32 = export_onnx(graph, metadata={"qwt_deploy.version": __version__})
-    data = folded.SerializeToString()
     atomic_write_bytes(cfg.output, data)
     if cfg.keep_unfolded:
         atomic_write_bytes(cfg.output.replace(".onnx", "") + ".unfolded.onnx", unfolded.SerializeToString())
     timing["export_fold"] = time.perf_counter() - t
+    engine = None
+    if cfg.target == "trt":  # 5c. engine where TensorRT and a CUDA GPU exist; always the trtexec command line
+        from .runtime.tensorrt import build_engine_next_to
+
+        t = time.perf_counter()
+        built = build_engine_next_to(cfg.output)
+        log(built.message())
+        engine = built.to_dict()
+        timing["tensorrt_engine"] = time.perf_counter() - t
 
     # 6. run + check against the PyTorch simulation
     t = time.perf_counter()
@@ -114,12 +178,20 @@ def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], N
     import tempfile, os
     with tempfile.TemporaryDirectory() as td:
         opt_path = os.path.join(td, "opt.onnx")
-        sess = SessionFromOnnx(data, cfg.threads, optimized_model_path=opt_path, allow_spinning=False)()
+        float_sim = cfg.target == "trt"  # ORT runs the TensorRT layout in float simulation (QDQ fusion off)
+        if float_sim:
+            sess = trt_float_simulation(folded, cfg.threads)
+        else:
+            sess = SessionFromOnnx(data, cfg.threads, optimized_model_path=opt_path, allow_spinning=False)()
         got = run(sess, check_x)
-        coverage = int8_coverage(onnx.load(opt_path))
+        coverage = TRT_COVERAGE if float_sim else int8_coverage(onnx.load(opt_path))
     agreement = compare(ref, got)
+    plain_float = None
+    if float_sim:  # for the record: the shipped graph as-is in ORT float (accumulation-order flips compound)
+        plain = SessionFromOnnx(data, cfg.threads, allow_spinning=False, disable_qdq_fusion=True)()
+        plain_float = compare(ref, run(plain, check_x)).to_dict()
     latency = None
-    if cfg.measure_latency:
+    if cfg.measure_latency and not float_sim:  # float simulation timings say nothing about TensorRT
         fsess = SessionFromOnnx(fp32.SerializeToString(), cfg.threads, allow_spinning=False)()
         ms = interleaved_latency_ms({"int8": sess, "fp32": fsess}, check_x[:1])
         latency = dict(int8_ms=ms["int8"], fp32_ms=ms["fp32"], ratio=ms["int8"] / ms["fp32"], batch=1, threads=cfg.threads)
@@ -133,21 +205,61 @@ def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], N
                           calib_method=cfg.quant.calib_method, ridge=cfg.quant.ridge, reference=cfg.quant.reference),
         calibration=dict(samples=int(len(x)), source=cfg.calib_data, batch_size=cfg.batch_size),
         layers=[asdict(l) for l in result.layers], folded_layers=n_folded,
+        compensation=compensation_summary(graph, result),
         node_count=dict(unfolded=len(unfolded.graph.node), folded=len(folded.graph.node)),
         int8_coverage=coverage, ort_vs_pytorch=dict(agreement.to_dict(), samples=int(len(check_x))),
         latency=latency, size_bytes=dict(int8=len(data), fp32=len(fp32.SerializeToString())),
         timing_s=timing,
+        trt_rules=trt_rules, tensorrt_engine=engine, ort_plain_float_vs_pytorch=plain_float,
     )
     write_json(report, report_path)
     report["report_path"] = report_path
     return report
 
 
+TRT_COVERAGE = dict(applicable=False, integer_ops=0, compute_ops=0, by_type={},
+                    note="not applicable: --target trt is run by ONNX Runtime in float simulation "
+                         "(QDQ fusion off); TensorRT fuses the INT8 kernels")
+
+
+def trt_float_simulation(model: onnx.ModelProto, threads: int):
+    """ONNX Runtime session that runs a TensorRT-layout graph as TensorRT's INT8 kernels compute
+    it: QDQ fusion off, each quantized Conv/Gemm rewritten to an exact integer accumulator times
+    float32(s_x)*s_w plus the float bias (graph_passes.rewrite_layers_as_integer_accumulators),
+    graph optimizations off so ORT does not fold the scale back into the weights. The PyTorch
+    simulation computes the same (quantize/trt_kernels.py), so the two agree bit for bit."""
+    from graph_passes.rewrite_layers_as_integer_accumulators import rewrite_layers_as_integer_accumulators
+
+    rewritten, _ = rewrite_layers_as_integer_accumulators(model)
+    return SessionFromOnnx(rewritten.SerializeToString(), threads, allow_spinning=False, level="disable",
+                           disable_qdq_fusion=True)()
+
+
+def check_trt_export(model: onnx.ModelProto, log: Callable[[str], None]) -> dict:
+    """Run the TensorRT rule checker on the export; an error fails the export, warnings print."""
+    from graph_passes.check_trt_rules import check_trt_rules, errors, format_findings
+
+    findings = check_trt_rules(model)
+    bad = errors(findings)
+    if bad:
+        f = bad[0]
+        raise QwtError(f"the --target trt graph breaks TensorRT rule '{f.rule}' at node {f.node}: {f.message} "
+                       f"({len(bad)} error(s) in all)", f"{f.fix}; this is a qwt-export bug, please report it")
+    log(format_findings(findings))
+    return dict(errors=0, warnings=len(findings), findings=[asdict(f) for f in findings])
+
+
 def _check_inputs(cfg: ExportConfig, calib: np.ndarray, in_shape) -> np.ndarray:
-    """Held-out real photos for the bundled example; else the last calibration samples."""
+    """Held-out real inputs for a built-in example (photos never calibrated on; Fashion-MNIST
+    test images); else the last calibration samples."""
     n = max(1, cfg.check_samples)
     if cfg.calib_data == "bundled":
         from calibration.photos import crops, evaluation_photos
 
         return crops(evaluation_photos(), n, cfg.preprocess, cfg.seed + 1)
+    from .examples import example_from_source
+
+    example = example_from_source(cfg.calib_data)
+    if example is not None:
+        return np.ascontiguousarray(example.evaluation(n, cfg.seed + 1)[0])
     return np.ascontiguousarray(calib[-n:])

@@ -37,7 +37,16 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
         ("method / bits", f"{q['method']}  W{q['w_bits']}A{q['a_bits']}  ({q['calib_method']} activations)"),
         ("calibration", f"{r['calibration']['samples']} samples from {r['calibration']['source']}, {r['timing_s']['calibrate']:.1f} s"),
         ("compensated layers", f"{len(r['layers'])}, folded {r['folded_layers']} (no extra nodes)"),
-        ("INT8 kernels in ORT", f"{cov['integer_ops']}/{cov['compute_ops']} compute ops ({', '.join(f'{k} {v}' for k, v in sorted(cov['by_type'].items()))})"),
+    ]
+    c = r.get("compensation") or {}
+    if c.get("blocks_found"):
+        r2 = [b["r2"] for b in c["blocks"]]
+        rows.append(("QwT block branches", f"{c['blocks_kept']}/{c['blocks_found']} kept (R^2 > 0; R^2 "
+                     f"{min(r2):.3f}..{max(r2):.3f}), +{c['branch_params']:,} float params "
+                     f"({c['extra_params_deployed_pct']:.2f}% of {c['model_params']:,})"))
+    rows += [
+        ("INT8 kernels in ORT", f"{cov['integer_ops']}/{cov['compute_ops']} compute ops ({', '.join(f'{k} {v}' for k, v in sorted(cov['by_type'].items()))})"
+         if cov.get("applicable", True) else cov["note"]),
         ("ORT vs PyTorch sim", f"top-1 agree {a['top1_agreement']:.3f}, within 1 step {a['within_1_step']:.4f}, max {a['max_steps']:.2f} steps"),
         ("file size", f"{r['size_bytes']['int8'] / 1e6:.2f} MB (FP32 {r['size_bytes']['fp32'] / 1e6:.2f} MB)"),
     ]

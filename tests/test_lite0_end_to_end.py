@@ -19,7 +19,9 @@ def test_lite0_export_is_integer_folded_and_agrees(tmp_path, capsys):
     assert cov["integer_ops"] == cov["compute_ops"] == 60  # 49 QLinearConv, 9 QLinearAdd, QGAP, QGemm
     assert rep["folded_layers"] == 50 and rep["node_count"]["folded"] < rep["node_count"]["unfolded"]
     assert rep["size_bytes"]["int8"] < 0.3 * rep["size_bytes"]["fp32"]
-    # Held-out real photos. End-to-end elementwise agreement is limited by rounding flips that
-    # 50 layers amplify (see README "Known limits"); the decision must still agree.
-    assert rep["ort_vs_pytorch"]["top1_agreement"] >= 0.9
+    # Held-out real photos, 50 layers deep: the simulation emulates ORT's integer kernels and
+    # the folded biases, so the logits agree elementwise, not just the decisions.
+    agree = rep["ort_vs_pytorch"]
+    assert agree["within_1_step"] >= 0.999, agree
+    assert agree["top1_agreement"] == 1.0, agree
     assert os.path.getsize(out) > 1e6

@@ -9,7 +9,9 @@ import warnings
 
 from ..errors import QwtError
 
-EXAMPLES = {"efficientnet-lite0": "qwt_deploy.examples.efficientnet_lite0:build"}
+from ..examples import EXAMPLES  # the typed registry of built-in examples (name -> Example)
+
+DEFAULT_INPUT_SHAPE = "3,224,224"
 
 DESCRIPTION = """\
 Quantize a trained PyTorch model to INT8 (per-channel weights, per-tensor activations),
@@ -28,11 +30,24 @@ examples:
   # the built-in example: EfficientNet-Lite0 with real photos that the install brings
   qwt-export --example efficientnet-lite0 -o lite0.int8.onnx
 
+  # the Fashion-MNIST examples trained in this repo (apt-get install dataset-fashion-mnist):
+  # calibrated on 512 training images, checked on test images
+  qwt-export --example fashion-cnn -o fashion-cnn.int8.onnx
+  qwt-export --example fashion-vit -o fashion-vit.int8.onnx
+
   # your model, your preprocessed calibration array (N x C x H x W float32)
   qwt-export model.pt2 --calib-data calib.npy --target ort -o model.int8.onnx
 
   # an image folder, preprocessed explicitly
   qwt-export model.pt2 --calib-data images/ --resize 256 --crop 224 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
+
+  # the TensorRT layout (symmetric INT8, Q/DQ on layer inputs, float bias), checked against
+  # TensorRT's rules; builds lite0.trt.engine where TensorRT and a GPU exist, else writes
+  # the trtexec command line to lite0.trt.trtexec.txt
+  qwt-export --example efficientnet-lite0 --target trt -o lite0.trt.onnx
+
+  # QwT (v1) block branches on top of CWAC; the report lists each block's R^2 and extra parameters
+  qwt-export --example efficientnet-lite0 --method qwt,qwt2 -o lite0.qwt.onnx
 
   # 4-bit weights (emulated in INT8 containers), compare against plain PTQ
   qwt-export model.pt2 --calib-data calib.npy --w-bits 4 --method none -o plain.onnx
@@ -59,13 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="model file (torch.export program), or state dict with --model-factory")
     p.add_argument("-o", "--output", help="output ONNX path (default: <model>.int8.onnx)")
     src = p.add_argument_group("model source")
-    src.add_argument("--example", choices=sorted(EXAMPLES), help="use a built-in example model and its bundled real photos")
+    src.add_argument("--example", choices=sorted(EXAMPLES), help="use a built-in example model and its bundled real data "
+                     "(efficientnet-lite0: photos from the demo extra; fashion-*: Fashion-MNIST)")
     src.add_argument("--model-factory", metavar="PKG.MOD:FN", help="callable that builds the nn.Module")
     src.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
-    src.add_argument("--input-shape", default="3,224,224", help="C,H,W used to trace an nn.Module (default 3,224,224)")
+    src.add_argument("--input-shape", default=DEFAULT_INPUT_SHAPE, help="C,H,W used to trace an nn.Module (default 3,224,224)")
     cal = p.add_argument_group("calibration data")
     cal.add_argument("--calib-data", help="preprocessed .npy/.npz (N,C,H,W), an image folder, 'bundled' (real photos "
-                     "from the demo extra), or 'synthetic' (noise: accuracy figures then mean nothing)")
+                     "from the demo extra), example:NAME (a built-in example's data, e.g. example:fashion-cnn = 512 Fashion-MNIST "
+                     "training images), or 'synthetic' (noise: accuracy figures then mean nothing)")
     cal.add_argument("--num-calib", type=int, default=512, help="calibration samples (default 512, as in the QwT papers)")
     cal.add_argument("--batch-size", type=int, default=32)
     cal.add_argument("--resize", type=int, default=256, help="images: resize the short side to this (default 256)")
@@ -73,21 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--mean", type=_floats3, default=(127.0, 127.0, 127.0), help="images: per-channel mean on 0..255 (default 127)")
     cal.add_argument("--std", type=_floats3, default=(128.0, 128.0, 128.0), help="images: per-channel std on 0..255 (default 128)")
     q = p.add_argument_group("quantization and compensation")
-    q.add_argument("--target", choices=TARGETS, default="ort", help="backend layout: ort = ONNX Runtime CPU integer kernels "
-                   "(uint8 activations, Q on op outputs, INT32 bias)")
+    q.add_argument("--target", choices=TARGETS, default="ort", help="backend layout. ort = ONNX Runtime CPU integer "
+                   "kernels (uint8 asymmetric activations, Q on op outputs so ORT fuses QLinearConv/QGemm, INT32 "
+                   "bias). trt = TensorRT explicit quantization (symmetric INT8 activations with zero point 0, Q/DQ "
+                   "on the inputs of Conv/Gemm and on the skip input of residual Adds so TensorRT fuses them, float "
+                   "bias); checked against TensorRT's rules (qwt-check --lint trt), verified in ONNX Runtime float "
+                   "simulation, and built into an engine where TensorRT and a GPU exist"),
     q.add_argument("--method", choices=METHODS, default="qwt2", help="qwt2 = channel-wise affine compensation (default); "
-                   "bias-correction = same with alpha fixed at 1; none = plain PTQ")
+                   "bias-correction = same with alpha fixed at 1; none = plain PTQ; qwt = QwT (v1): one closed-form "
+                   "linear branch per residual block (1x1 conv / MatMul + Add, float, extra parameters and latency); "
+                   "qwt,qwt2 = both")
     q.add_argument("--w-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}", help="weight bits (default 8)")
     q.add_argument("--a-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}", help="activation bits (default 8)")
+    q.add_argument("--keep-float", default="layer_norm,softmax,gelu", metavar="OPS",
+                   help="comma-separated op kinds left in float (default layer_norm,softmax,gelu: no integer "
+                        "kernel, or the attention mask in softmax's input); add 'add' to keep residual adds "
+                        "float (transformers' outlier channels); remove one to quantize it")
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range observer (default minmax)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default 99.99)")
     q.add_argument("--weight-observer", choices=("auto", "minmax", "mse"), default="auto",
                    help="per-channel weight range: auto = mse below 8 bits, else minmax")
     q.add_argument("--ridge", type=float, default=1e-3, help="CWAC ridge, relative to the layer's mean output variance; "
                    "channels with ~zero variance fall back to alpha=1 (default 1e-3)")
+    q.add_argument("--qwt-ridge", type=float, default=1e-3, help="QwT branch ridge, relative to the block input's "
+                   "mean variance (0 = plain least squares; default 1e-3)")
+    q.add_argument("--qwt-group-channels", type=int, default=64, help="QwT CNN branch: input channels per group of "
+                   "the 1x1 conv, as QwT's ResNet code (0 = dense; default 64)")
+    q.add_argument("--qwt-blocks", default="auto", metavar="auto|residual|REGEX", help="how QwT finds blocks: "
+                   "auto = group layers by module path up to the first '.<index>.' (_blocks.3, layer1.0, "
+                   "encoder.layer.2), else residual regions; residual = every Y = Add(X, f(X)) region; or a regex "
+                   "whose group 1 is the block key (default auto)")
     q.add_argument("--cwac-reference", choices=("same-input", "float-input"), default="same-input",
                    help="input of the full-precision layer in the fit: the quantized input the layer sees (QwT-v2), "
                         "or the value before its input quantizer")
+    p.add_argument("--labels", metavar="FILE", help="class names, one per line, stored in the ONNX metadata so "
+                   "qwt-run/qwt-serve print names (default for --example efficientnet-lite0: ImageNet-1k)")
     o = p.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--threads", type=int, default=2, help="CPU threads for calibration and ONNX Runtime (default 2)")
@@ -95,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--keep-unfolded", action="store_true", help="also write the graph with explicit CWAC Mul/Add nodes")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _keep_float(text: str) -> tuple[str, ...]:
+    from ..graph.ops import OPS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in OPS]
+    if bad:
+        raise QwtError(f"--keep-float names unknown op kinds {', '.join(bad)}",
+                       "use IR op kinds such as layer_norm, softmax, gelu, add, mul, sigmoid")
+    return kinds
 
 
 def config_from_args(a) -> "ExportConfig":
@@ -105,9 +153,29 @@ def config_from_args(a) -> "ExportConfig":
 
     factory = a.model_factory
     calib = a.calib_data
+    labels = a.labels
     if a.example:
-        factory = EXAMPLES[a.example]
-        calib = calib or "bundled"
+        ex = EXAMPLES[a.example]
+        factory = ex.factory
+        calib = calib or ex.calib_source
+        if a.input_shape == DEFAULT_INPUT_SHAPE:
+            a.input_shape = ",".join(str(d) for d in ex.input_shape)
+        if ex.preprocess and calib == ex.calib_source:
+            a.resize, a.crop, a.mean, a.std = (ex.preprocess[k] for k in ("resize", "crop", "mean", "std"))
+        if not labels and ex.labels_file and a.example != "efficientnet-lite0":
+            labels = ex.labels_file
+        if a.example == "efficientnet-lite0" and not labels:
+            from ..edge.metadata import BUNDLED_IMAGENET_LABELS
+
+            labels = BUNDLED_IMAGENET_LABELS
+    if labels:
+        from ..edge.metadata import read_labels_file
+
+        read_labels_file(labels)  # fail before calibrating, not after
+    if calib and calib.startswith("example:"):
+        from ..examples import example_from_source
+
+        example_from_source(calib)  # an unknown name fails now, before the model is loaded
     if not calib:
         raise QwtError("no calibration data given", "pass --calib-data calib.npy (or an image folder); "
                        "use --calib-data synthetic only for smoke tests")
@@ -129,8 +197,10 @@ def config_from_args(a) -> "ExportConfig":
         preprocess=Preprocess(resize=a.resize, crop=a.crop, mean=a.mean, std=a.std), target=a.target,
         quant=CalibrationSettings(w_bits=a.w_bits, a_bits=a.a_bits, calib_method=a.calib_method,
                                   percentile=a.percentile, weight_observer=a.weight_observer, method=a.method,
-                                  ridge=a.ridge, reference=a.cwac_reference),
-        measure_latency=not a.no_latency, keep_unfolded=a.keep_unfolded, example_shape=shape)
+                                  ridge=a.ridge, reference=a.cwac_reference, qwt_ridge=a.qwt_ridge,
+                                  qwt_group_channels=a.qwt_group_channels, qwt_blocks=a.qwt_blocks),
+        measure_latency=not a.no_latency, keep_unfolded=a.keep_unfolded, example_shape=shape, labels_file=labels,
+        keep_float=_keep_float(a.keep_float))
 
 
 def main(argv=None) -> int:
@@ -144,17 +214,9 @@ def main(argv=None) -> int:
 
         bar = None
         if not args.quiet:
-            from tqdm import tqdm
+            from .progress import layer_progress_bar
 
-            def progress(i, total, name, _state={}):
-                if "bar" not in _state:
-                    _state["bar"] = tqdm(total=total, desc="calibrate+compensate", unit="layer", file=sys.stderr)
-                b = _state["bar"]
-                b.set_postfix_str(name[:32])
-                b.update(i - b.n)
-                if i >= total:
-                    b.close()
-            bar = progress
+            bar = layer_progress_bar()
         report = run_export(cfg, progress=bar, log=lambda s: print(s, file=sys.stderr))
     except QwtError as e:
         print(f"qwt-export: error: {e}", file=sys.stderr)

@@ -71,10 +71,13 @@ class OnnxBuilder:
         return self.op("DequantizeLinear", [q, s, z], name, **attrs)
 
     def model(self, input_name: str, input_shape: list, outputs: dict[str, list], graph_name: str,
-              metadata: dict[str, str]) -> onnx.ModelProto:
-        inp = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_shape)
+              metadata: dict[str, str], inputs: Optional[list[tuple[str, int, list]]] = None) -> onnx.ModelProto:
+        """``inputs``, if given, replaces the single float input: (name, TensorProto type, shape)
+        per graph input, e.g. int64 token ids and attention mask with dynamic axes."""
+        inps = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_shape)] if inputs is None else \
+            [helper.make_tensor_value_info(name, elem, shape) for name, elem, shape in inputs]
         outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in outputs.items()]
-        graph = helper.make_graph(self.nodes, graph_name, [inp], outs, initializer=list(self.inits.values()))
+        graph = helper.make_graph(self.nodes, graph_name, inps, outs, initializer=list(self.inits.values()))
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwt-deploy")
         m.ir_version = IR_VERSION
         for k in sorted(metadata):

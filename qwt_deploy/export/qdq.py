@@ -19,25 +19,28 @@ import numpy as np
 import onnx
 
 from ..graph.ir import Graph
-from ..graph.ops import OPS, Role
+from ..graph.ops import OPS, Role, linear_as_matmul
+from ..quantize.integer_kernels import made_redundant_by_q
 from ..quantize.placement import QuantPlan
 from ..quantize.simulate import QuantParams
 from .onnx_builder import OnnxBuilder
 
 
-def _made_redundant_by_q(act, q) -> bool:
-    """True when QuantizeLinear's saturation already performs this ReLU/Clip exactly.
 
-    Q saturates to [qmin, qmax]; if the clip bounds map outside that range (same rint test
-    as ONNX Runtime's IsClipMadeRedundantByQ), Q(clip(x)) == Q(x) for every x. Dropping
-    the node keeps the graph a plain DQ -> Conv -> Q unit, which ORT fuses into
-    QLinearConv; with the Clip left in, ORT fuses Conv+Clip into a float FusedConv first.
-    """
-    if q is None:
-        return False
-    lo_ok = act.lo is None or round(act.lo / q.scale) + q.zero_point <= q.qmin
-    hi_ok = act.hi is None or round(act.hi / q.scale) + q.zero_point >= q.qmax
-    return lo_ok and hi_ok
+
+def _emit_qwt_branch(g: OnnxBuilder, name: str, fit, x: str, y: str) -> str:
+    """QwT (v1) branch beside the QDQ graph, in float32 standard ops: ``Y + Conv1x1(X)`` for
+    CNN blocks (stride, groups, bias in the Conv), ``Y + (MatMul(X, W^T) + b)`` for token blocks.
+    It reads the block input as its quantized readers see it (DQ output), so the backend runs
+    the same arithmetic as ``BranchFit.apply``."""
+    w = fit.weight.numpy().astype(np.float32)
+    b = g.const(f"{name}.bias", fit.bias.numpy().astype(np.float32))
+    if fit.kind == "conv":
+        t = g.op("Conv", [x, g.const(f"{name}.weight", w), b], name, kernel_shape=[1, 1],
+                 strides=[fit.stride, fit.stride], pads=[0, 0, 0, 0], group=fit.groups)
+    else:
+        t = g.op("Add", [g.op("MatMul", [x, g.const(f"{name}.weight", np.ascontiguousarray(w.T))], name), b], name)
+    return g.op("Add", [y, t], name + "/sum")
 
 
 def export_onnx(
@@ -45,31 +48,57 @@ def export_onnx(
     plan: Optional[QuantPlan] = None,
     params: Optional[QuantParams] = None,
     metadata: Optional[dict[str, str]] = None,
+    tensor_names: Optional[dict[str, str]] = None,
 ) -> onnx.ModelProto:
-    """FP32 graph when ``params`` is None, else the unfolded QDQ graph."""
+    """FP32 graph when ``params`` is None, else the unfolded QDQ graph.
+
+    ``tensor_names``, if given, is filled with IR value -> ONNX tensor name: the tensor that
+    holds the value as its readers see it (the DequantizeLinear output for a quantized value),
+    i.e. the value ``SimulatedModel(..., intermediates=...)`` records. qwt-check marks these
+    tensors as outputs to compare backends layer by layer.
+    """
     g = OnnxBuilder()
     quantized = params is not None
     names: dict[str, str] = {}  # IR value -> ONNX tensor name as readers see it
+    raw: dict[str, str] = {}  # float tensor of a value that some readers read unquantized (trt edges)
+
+    def reader_sees(value: str, reader: Optional[str]) -> str:
+        return raw[value] if value in raw and not plan.sees_quantized(value, reader) else names[value]
 
     def publish(value: str, tensor: str, produced_by_quantizer_root: bool) -> None:
         if quantized and value in params.acts:
             q = params.acts[value]
+            if plan is not None and plan.has_float_readers(value):
+                raw[value] = tensor
             if q.bits < 8 and produced_by_quantizer_root:
                 tensor = g.clip(tensor, q.lo, q.hi, f"{value}/abits")
-            tensor = g.quantize_dequantize(tensor, q.scale, q.zero_point, f"{value}/quant")
+            tensor = g.quantize_dequantize(tensor, q.scale, q.zero_point, f"{value}/quant",
+                                           dtype=np.int8 if q.signed else np.uint8)
         names[value] = tensor
 
     x = graph.inputs[0]
-    publish(x, "input", True)
+    # one input keeps the name "input"; several (input_ids, attention_mask) keep their own
+    input_names = {v: ("input" if len(graph.inputs) == 1 else v) for v in graph.inputs}
+    for v in graph.inputs:
+        publish(v, input_names[v], True)
     for n in graph.nodes:
         spec = OPS[n.op]
-        ins = [names[v] for v in n.inputs]
+        ins = [reader_sees(v, n.name) for v in n.inputs]
         w_name = b_name = None
         if spec.role is Role.WEIGHTED:
-            if quantized:
+            if linear_as_matmul(n):  # [in, out] weight, per-channel axis 1, float bias Add
+                w = params.weights[n.name] if quantized else None
+                w_name = (g.dequantize(f"{n.name}.weight", np.ascontiguousarray(w.q.numpy().astype(np.int8).T),
+                                       w.scale.numpy(), axis=1) if quantized
+                          else g.const(f"{n.name}.weight", np.ascontiguousarray(n.weight.numpy().astype(np.float32).T)))
+                if n.bias is not None:
+                    b_name = g.const(f"{n.name}.bias", n.bias.numpy().astype(np.float32))
+            elif quantized:
                 wq = params.weights[n.name]
                 w_name = g.dequantize(f"{n.name}.weight", wq.q.numpy().astype(np.int8), wq.scale.numpy())
-                b = params.bias_int32(n)
+                b = params.bias_int32(n) if params.int32_bias else None
+                if n.bias is not None and not params.int32_bias:  # TensorRT: float bias, no INT32 DQ
+                    b_name = g.const(f"{n.name}.bias", n.bias.numpy().astype(np.float32))
                 if b is not None:
                     s_b = (np.float32(params.acts[n.inputs[0]].scale) * wq.scale.numpy().astype(np.float32))
                     b_name = g.dequantize(f"{n.name}.bias", b.numpy().astype(np.int32), s_b)
@@ -78,13 +107,23 @@ def export_onnx(
                 if n.bias is not None:
                     b_name = g.const(f"{n.name}.bias", n.bias.numpy().astype(np.float32))
         y = spec.emit(g, n, ins, w_name, b_name)
+        if quantized and n.name in getattr(params, "branches", {}):  # QwT (v1) block branch
+            fit = params.branches[n.name]
+            if fit.kept:
+                y = _emit_qwt_branch(g, n.name, fit, ins[0], y)
+            elif params.acts.get(n.output) is not None and params.acts.get(n.output) is params.acts.get(n.inputs[1]) \
+                    and (plan is None or plan.sees_quantized(n.inputs[1], n.name)):
+                names[n.output] = y  # R^2 <= 0: no branch, and Y' is Y already quantized
+                continue
         if quantized and n.name in params.cwac:
             fit = params.cwac[n.name]
             shape = (1, -1, 1, 1) if n.op == "conv" else (1, -1)
             a = g.const(f"{n.name}.cwac_alpha", fit.alpha.reshape(shape).astype(np.float32))
             bt = g.const(f"{n.name}.cwac_beta", fit.beta.reshape(shape).astype(np.float32))
             y = g.op("Add", [g.op("Mul", [y, a], f"{n.name}/cwac"), bt], f"{n.name}/cwac")
-        if n.activation is not None and not (quantized and _made_redundant_by_q(n.activation, params.acts.get(n.output))):
+        redundant = (quantized and n.activation is not None and made_redundant_by_q(n.activation, params.acts.get(n.output))
+                     and not (plan is not None and plan.has_float_readers(n.output)))  # float readers need it
+        if n.activation is not None and not redundant:
             y = g.clip(y, n.activation.lo, n.activation.hi, n.name)
         inherits = quantized and params is not None and plan is not None and plan.activations.get(n.output) is not None
         publish(n.output, y, not inherits)
@@ -93,7 +132,18 @@ def export_onnx(
     outs = {}
     for i, v in enumerate(graph.outputs):
         name = "output" if len(graph.outputs) == 1 else f"output_{i}"
-        g.rename(names[v], name)
-        outs[name] = ["batch"] + [int(d) for d in graph.output_shapes[v][1:]]
+        seen = reader_sees(v, None)
+        g.rename(seen, name)
+        names = {k: (name if t == seen else t) for k, t in names.items()}
+        outs[name] = graph.dims(v)
+    if tensor_names is not None:
+        tensor_names.update(names)
+    if len(graph.inputs) > 1 or graph.dim_names or graph.input_dtypes:
+        from onnx import helper
+
+        inputs = [(input_names[v], helper.np_dtype_to_tensor_dtype(np.dtype(str(graph.input_dtypes.get(v, "float32")).replace("torch.", ""))),
+                   graph.dims(v)) for v in graph.inputs]
+        return g.model(inputs[0][0], inputs[0][2], outs, "qwt_int8" if quantized else "fp32", metadata or {},
+                       inputs=inputs)
     shape = ["batch"] + [int(d) for d in graph.input_shapes[x][1:]]
     return g.model("input", shape, outs, "qwt_int8" if quantized else "fp32", metadata or {})

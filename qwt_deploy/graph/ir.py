@@ -54,6 +54,21 @@ class Graph:
     nodes: list[Node]
     outputs: list[str]
     output_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # example shapes
+    # non-float inputs (token ids, attention masks: torch.int64); absent = float32
+    input_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    # inputs/outputs with dynamic axes: per dim a name ("batch", "seq") or a fixed size;
+    # absent = dim 0 is "batch", the rest fixed (CNN captures)
+    dim_names: dict[str, tuple] = field(default_factory=dict)
+
+    def is_float_input(self, value: str) -> bool:
+        return self.input_dtypes.get(value, torch.float32).is_floating_point
+
+    def dims(self, value: str) -> list:
+        """ONNX shape of a graph input/output: dim names for dynamic axes, ints otherwise."""
+        if value in self.dim_names:
+            return list(self.dim_names[value])
+        shape = self.input_shapes.get(value) or self.output_shapes[value]
+        return ["batch"] + [int(d) for d in shape[1:]]
 
     def producer(self) -> dict[str, Node]:
         return {n.output: n for n in self.nodes}

@@ -73,7 +73,21 @@ def _linear_forward(node, xs, w, b):
     return F.linear(xs[0], w, b)
 
 
+def linear_as_matmul(node) -> bool:
+    """A linear on (batch, tokens, dim) activations, emitted as MatMul + bias Add.
+
+    ONNX Gemm is 2-D only. The weight is stored pre-transposed as [in, out], so its
+    per-output-channel DequantizeLinear axis is 1; the bias stays a float Add (QLinearMatMul
+    has no bias input). ONNX Runtime fuses DQ(x), DQ(W) -> MatMul into an integer kernel
+    (MatMulIntegerToFloat / QLinearMatMul).
+    """
+    return node.op == "linear" and node.attrs.get("rank", 2) > 2
+
+
 def _linear_emit(g, node, ins, w, b):
+    if linear_as_matmul(node):
+        y = g.op("MatMul", [ins[0], w], node.name)
+        return g.op("Add", [y, b], node.name + "/bias") if b else y
     return g.op("Gemm", [ins[0], w] + ([b] if b else []), node.name, transB=1)
 
 
@@ -175,3 +189,169 @@ OPS: dict[str, OpSpec] = {
         OpSpec("channel_affine", Role.FLOAT, _channel_affine_forward, _channel_affine_emit),
     ]
 }
+
+
+# -- transformer ops ------------------------------------------------------------------------
+# Token activations are (batch, tokens, dim); attention tensors (batch, heads, tokens, ...).
+# Constants that an op needs (LayerNorm gamma/beta, an embedding table, an added position
+# table, a scalar) live on the node as ``weight``/``bias``, so no IR node is ever input-less.
+
+
+def _np(t):
+    import numpy as np
+
+    return t.detach().numpy().astype(np.float32) if t.is_floating_point() else t.detach().numpy()
+
+
+def _reshape_nd_forward(node, xs, w, b):
+    x = xs[0]
+    shape = [x.shape[i] if d == 0 else d for i, d in enumerate(node.attrs["shape"])]  # ONNX: 0 copies the dim
+    return x.reshape(shape)
+
+
+def _reshape_nd_emit(g, node, ins, w, b):
+    import numpy as np
+
+    shape = g.const(f"{node.name}.shape", np.array(node.attrs["shape"], dtype=np.int64))
+    return g.op("Reshape", [ins[0], shape], node.name)
+
+
+def _unsqueeze_forward(node, xs, w, b):
+    x = xs[0]
+    for a in node.attrs["axes"]:  # sorted, in output coordinates
+        x = x.unsqueeze(a)
+    return x
+
+
+def _unsqueeze_emit(g, node, ins, w, b):
+    import numpy as np
+
+    axes = g.const(f"{node.name}.axes", np.array(node.attrs["axes"], dtype=np.int64))
+    return g.op("Unsqueeze", [ins[0], axes], node.name)
+
+
+def _layer_norm_forward(node, xs, w, b):
+    return F.layer_norm(xs[0], (xs[0].shape[-1],), w, b, node.attrs["eps"])
+
+
+def _layer_norm_emit(g, node, ins, w, b):
+    d = node.attrs["dim"]
+    gamma = node.weight if node.weight is not None else torch.ones(d)
+    beta = node.bias if node.bias is not None else torch.zeros(d)
+    return g.op("LayerNormalization", [ins[0], g.const(f"{node.name}.weight", _np(gamma)),
+                                       g.const(f"{node.name}.bias", _np(beta))],
+                node.name, axis=-1, epsilon=float(node.attrs["eps"]))
+
+
+def _gelu_emit(g, node, ins, w, b):
+    """GELU as opset-17 primitives (Gelu is an ONNX op only from opset 20); ONNX Runtime
+    fuses this exact pattern back into one Gelu kernel."""
+    import numpy as np
+
+    x = ins[0]
+    c = lambda name, v: g.const(f"{node.name}.{name}", np.array(v, np.float32))  # noqa: E731
+    if node.attrs.get("approximate", "none") == "tanh":
+        inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [g.op("Pow", [x, c("three", 3.0)], node.name),
+                                                           c("k", 0.044715)], node.name + "/cube")], node.name),
+                             c("sqrt_2_over_pi", float(np.sqrt(2 / np.pi)))], node.name + "/inner")
+        t = g.op("Tanh", [inner], node.name)
+    else:
+        t = g.op("Erf", [g.op("Div", [x, c("sqrt2", float(np.sqrt(2.0)))], node.name)], node.name)
+    half = g.op("Mul", [x, c("half", 0.5)], node.name + "/half")
+    return g.op("Mul", [half, g.op("Add", [t, c("one", 1.0)], node.name + "/one")], node.name)
+
+
+def _embedding_emit(g, node, ins, w, b):
+    return g.op("Gather", [g.const(f"{node.name}.weight", _np(node.weight)), ins[0]], node.name, axis=0)
+
+
+def _slice_rows_forward(node, xs, w, b):
+    return w[: xs[0].shape[node.attrs["dim"]]]
+
+
+def _slice_rows_emit(g, node, ins, w, b):
+    """table[:ref.shape[dim]] (position embeddings cut to the sequence length) with a
+    dynamic end, so the sequence axis stays dynamic in the exported graph."""
+    import numpy as np
+
+    d = node.attrs["dim"]
+    end = g.op("Shape", [ins[0]], node.name, start=d, end=d + 1)
+    zero = g.const(f"{node.name}.starts", np.array([0], np.int64))
+    return g.op("Slice", [g.const(f"{node.name}.weight", _np(node.weight)), zero, end, zero], node.name)
+
+
+def _const_binary_emit(onnx_op):
+    def emit(g, node, ins, w, b):
+        return g.op(onnx_op, [ins[0], g.const(f"{node.name}.const", _np(node.weight))], node.name)
+    return emit
+
+
+def _rsub_emit(g, node, ins, w, b):
+    import numpy as np
+
+    return g.op("Sub", [g.const(f"{node.name}.const", np.array(node.attrs["value"], np.float32)), ins[0]], node.name)
+
+
+def _sum_emit(g, node, ins, w, b):
+    import numpy as np
+
+    axes = g.const(f"{node.name}.axes", np.array(node.attrs["dims"], np.int64))
+    return g.op("ReduceSum", [ins[0], axes], node.name, keepdims=int(node.attrs["keepdim"]))
+
+
+def _l2norm_emit(g, node, ins, w, b):
+    # opset 17: ReduceL2 takes its axes as an attribute (an input only from opset 18)
+    return g.op("ReduceL2", [ins[0]], node.name, axes=list(node.attrs["dims"]), keepdims=int(node.attrs["keepdim"]))
+
+
+def _mean_emit(g, node, ins, w, b):
+    # opset 17: ReduceMean takes its axes as an attribute (an input only from opset 18)
+    return g.op("ReduceMean", [ins[0]], node.name, axes=list(node.attrs["dims"]), keepdims=int(node.attrs["keepdim"]))
+
+
+def _cast_emit(g, node, ins, w, b):
+    from onnx import TensorProto
+
+    return g.op("Cast", ins, node.name, to=TensorProto.FLOAT)
+
+
+_div = _binary(torch.div, "Div")
+
+OPS.update({
+    s.name: s
+    for s in [
+        # activation x activation MatMul (attention Q.K^T and P.V): DQ, DQ -> MatMul -> Q is
+        # what ONNX Runtime fuses into QLinearMatMul, so its inputs and output are quantized
+        OpSpec("matmul", Role.INTEGER, lambda n, xs, w, b: torch.matmul(xs[0], xs[1]),
+               lambda g, n, ins, w, b: g.op("MatMul", ins, n.name)),
+        OpSpec("transpose", Role.MOVEMENT, lambda n, xs, w, b: xs[0].permute(n.attrs["perm"]),
+               lambda g, n, ins, w, b: g.op("Transpose", ins, n.name, perm=list(n.attrs["perm"]))),
+        OpSpec("reshape_nd", Role.MOVEMENT, _reshape_nd_forward, _reshape_nd_emit),
+        OpSpec("unsqueeze", Role.MOVEMENT, _unsqueeze_forward, _unsqueeze_emit),
+        # float by default (placement's keep-float list): no ONNX Runtime integer kernel for
+        # LayerNorm/GELU, and Softmax's input carries the additive attention mask (-1e4)
+        OpSpec("layer_norm", Role.FLOAT, _layer_norm_forward, _layer_norm_emit),
+        OpSpec("gelu", Role.FLOAT, lambda n, xs, w, b: F.gelu(xs[0], approximate=n.attrs.get("approximate", "none")),
+               _gelu_emit),
+        OpSpec("softmax", Role.FLOAT, lambda n, xs, w, b: torch.softmax(xs[0], n.attrs["axis"]),
+               lambda g, n, ins, w, b: g.op("Softmax", ins, n.name, axis=n.attrs["axis"])),
+        OpSpec("embedding", Role.FLOAT, lambda n, xs, w, b: F.embedding(xs[0], w), _embedding_emit),
+        OpSpec("slice_rows", Role.FLOAT, _slice_rows_forward, _slice_rows_emit),
+        # element-wise ops with a constant or with a non-activation (mask-derived) operand:
+        # they stay float; "add"/"mul" above are activation (+|x) activation
+        OpSpec("add_const", Role.FLOAT, lambda n, xs, w, b: xs[0] + w, _const_binary_emit("Add")),
+        OpSpec("mul_const", Role.FLOAT, lambda n, xs, w, b: xs[0] * w, _const_binary_emit("Mul")),
+        OpSpec("rsub_const", Role.FLOAT, lambda n, xs, w, b: n.attrs["value"] - xs[0], _rsub_emit),
+        OpSpec("add_float", Role.FLOAT, *_add),
+        OpSpec("mul_float", Role.FLOAT, *_mul),
+        OpSpec("div", Role.FLOAT, *_div),
+        OpSpec("cast_float", Role.FLOAT, lambda n, xs, w, b: xs[0].float(), _cast_emit),
+        OpSpec("sum", Role.FLOAT, lambda n, xs, w, b: xs[0].sum(dim=n.attrs["dims"], keepdim=n.attrs["keepdim"]),
+               _sum_emit),
+        OpSpec("mean", Role.FLOAT, lambda n, xs, w, b: xs[0].mean(dim=n.attrs["dims"], keepdim=n.attrs["keepdim"]),
+               _mean_emit),
+        OpSpec("l2norm", Role.FLOAT,
+               lambda n, xs, w, b: torch.linalg.vector_norm(xs[0], 2, n.attrs["dims"], n.attrs["keepdim"]),
+               _l2norm_emit),
+    ]
+})

@@ -55,6 +55,18 @@ def capture(program: torch.export.ExportedProgram) -> Graph:
     return _Translator(gm).run()
 
 
+def _hint_shape(shape) -> tuple[int, ...]:
+    """Example sizes of a possibly symbolic shape (dynamic axes take their traced size)."""
+    out = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        else:
+            hint = getattr(getattr(d, "node", None), "hint", None)
+            out.append(int(hint) if hint is not None else 1)
+    return tuple(out)
+
+
 def _module_path(fx_node) -> str:
     stack = fx_node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -76,6 +88,13 @@ class _Translator:
         self.shapes: dict[str, tuple] = {}
         self.batch: Any = None
         self.out_shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.dim_names: dict[str, tuple] = {}
+        self.sym_names: dict[str, str] = {}  # symbolic size (str) -> axis name
+        self.sym: dict[str, tuple[str, int]] = {}  # fx sym_size node -> (IR value, dim)
+        # IR values computed only from integer inputs (ids, masks) and constants, e.g. the
+        # additive attention mask; every other value is an activation
+        self.aux: set[str] = set()
 
     # -- helpers -------------------------------------------------------------------------
     def _get_attr(self, target: str) -> torch.Tensor:
@@ -95,12 +114,36 @@ class _Translator:
         self.names.add(name)
         return name
 
-    def _emit(self, fx_node, op: str, inputs: list[str], **kw) -> Node:
-        name = self._unique(_module_path(fx_node) if OPS[op].role is Role.WEIGHTED else fx_node.name)
-        n = Node(name=name, op=op, inputs=inputs, output=fx_node.name, **kw)
+    def _emit(self, fx_node, op: str, inputs: list[str], suffix: str = "", **kw) -> Node:
+        """``suffix``: one fx op that becomes several IR nodes names the inner values fx.name+suffix."""
+        name = self._unique(_module_path(fx_node) if OPS[op].role is Role.WEIGHTED else fx_node.name + suffix)
+        n = Node(name=name, op=op, inputs=inputs, output=fx_node.name + suffix, **kw)
         self.nodes.append(n)
         self.by_output[n.output] = n
+        if op != "embedding" and inputs and all(v in self.aux for v in inputs):
+            self.aux.add(n.output)
         return n
+
+    def _record_dims(self, value: str, shape) -> None:
+        """Name the symbolic (dynamic) axes of a graph input/output: the first input's dim 0
+        is "batch", the next new symbol "seq", then "dim2", ... Static shapes record nothing."""
+        if all(isinstance(d, int) for d in shape):
+            return
+        dims = []
+        for i, d in enumerate(shape):
+            if isinstance(d, int):
+                dims.append(int(d))
+                continue
+            key = str(d)
+            if key not in self.sym_names:
+                k = len(self.sym_names)
+                self.sym_names[key] = "batch" if k == 0 and i == 0 else ("seq" if "seq" not in self.sym_names.values()
+                                                                          else f"dim{k}")
+            dims.append(self.sym_names[key])
+        self.dim_names[value] = tuple(dims)
+
+    def _is_act(self, a) -> bool:
+        return isinstance(a, torch.fx.Node) and a.name not in self.consts and self._val(a) not in self.aux
 
     def _sole_user(self, fx_node):
         users = list(fx_node.users)
@@ -109,7 +152,9 @@ class _Translator:
     def _unsupported(self, fx_node, why: str = "") -> QwtError:
         where = _module_path(fx_node)
         supported = "conv2d, linear, batch_norm (after conv/linear), relu/relu6/hardtanh/clamp, add, mul, " \
-                    "sigmoid, silu, adaptive_avg_pool2d/mean, avg/max_pool2d, cat, flatten/view/reshape, pad, dropout"
+                    "sigmoid, silu, adaptive_avg_pool2d/mean, avg/max_pool2d, cat, flatten/view/reshape, pad, dropout; " \
+                    "transformers: linear on (batch, tokens, dim), matmul/bmm, transpose/permute, layer_norm, softmax, " \
+                    "gelu, embedding, unsqueeze, sum, div, linalg_vector_norm, add/mul of constants"
         return QwtError(
             f"unsupported operator {fx_node.target} at '{where}'{': ' + why if why else ''}",
             f"replace it with supported ops ({supported}) or open an issue with the model",
@@ -124,8 +169,13 @@ class _Translator:
                 if not isinstance(val, torch.Tensor):
                     raise QwtError(f"model input '{n.name}' is not a tensor", "export a model whose forward takes one tensor")
                 self.inputs.append(n.name)
-                self.shapes[n.name] = tuple(val.shape)
+                self.shapes[n.name] = _hint_shape(val.shape)
                 self.batch = val.shape[0]
+                if val.dtype != torch.float32:
+                    self.dtypes[n.name] = val.dtype
+                if not val.dtype.is_floating_point:
+                    self.aux.add(n.name)
+                self._record_dims(n.name, val.shape)
             elif n.op == "get_attr":
                 self.consts[n.name] = self._get_attr(n.target)
             elif n.op == "call_module":
@@ -138,11 +188,12 @@ class _Translator:
                     if o is None:
                         continue
                     outputs.append(self._val(o))
-                    self.out_shapes[self._val(o)] = tuple(o.meta["val"].shape)
-        if len(self.inputs) != 1:
-            raise QwtError(f"the model takes {len(self.inputs)} tensor inputs", "qwt-export supports models with exactly one input tensor")
+                    self.out_shapes[self._val(o)] = _hint_shape(o.meta["val"].shape)
+                    self._record_dims(self._val(o), o.meta["val"].shape)
+        if not self.inputs:
+            raise QwtError("the model takes no tensor input", "export a model whose forward takes tensors")
         g = Graph(inputs=self.inputs, input_shapes=self.shapes, nodes=self.nodes, outputs=outputs,
-                  output_shapes=self.out_shapes)
+                  output_shapes=self.out_shapes, input_dtypes=self.dtypes, dim_names=self.dim_names)
         _fuse_activations(g)
         return g
 
@@ -157,7 +208,10 @@ class _Translator:
             self.alias[n.name] = self._val(args[0])
             return
         if t is aten.sym_size.int:
-            return  # only used to compute a batch-preserving reshape; handled there
+            self.sym[n.name] = (self._val(args[0]), int(args[1]))
+            return  # only used by reshapes and sequence-length slices; handled there
+        if self._fold_constant(n):
+            return
         if t is aten.conv2d.default:
             x, w = args[0], self.consts[args[1].name]
             b = self.consts[args[2].name] if len(args) > 2 and args[2] is not None else None
@@ -181,9 +235,11 @@ class _Translator:
         if t is aten.linear.default:
             w = self.consts[args[1].name]
             b = self.consts[args[2].name] if len(args) > 2 and args[2] is not None else None
-            if w.dim() != 2 or len(n.args[0].meta["val"].shape) != 2:
-                raise self._unsupported(n, "linear on a tensor of rank != 2 (transformer support is planned)")
-            self._emit(n, "linear", [self._val(args[0])], weight=w, bias=b)
+            rank = len(n.args[0].meta["val"].shape)
+            if w.dim() != 2 or rank < 2:
+                raise self._unsupported(n, "linear needs a 2-D weight and an input of rank >= 2")
+            # rank 2: Gemm (unchanged); rank >= 3 (batch, tokens, dim): MatMul, see ops.linear_as_matmul
+            self._emit(n, "linear", [self._val(args[0])], weight=w, bias=b, attrs=dict(rank=rank) if rank > 2 else {})
             return
         if t in (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default):
             self._batch_norm(n)
@@ -215,9 +271,13 @@ class _Translator:
             self._emit(n, "clip", [self._val(args[0])], attrs=dict(lo=lo, hi=hi))
             return
         if t is aten.clamp.default:
-            lo = float(args[1]) if len(args) > 1 and args[1] is not None else None
-            hi = float(args[2]) if len(args) > 2 and args[2] is not None else None
+            lo = args[1] if len(args) > 1 else n.kwargs.get("min")
+            hi = args[2] if len(args) > 2 else n.kwargs.get("max")
+            lo, hi = (float(lo) if lo is not None else None), (float(hi) if hi is not None else None)
             self._emit(n, "clip", [self._val(args[0])], attrs=dict(lo=lo, hi=hi))
+            return
+        if t in (aten.add.Tensor, aten.mul.Tensor) and not (self._is_act(args[0]) and self._is_act(args[1])):
+            self._float_binary(n)
             return
         if t in (aten.add.Tensor, aten.mul.Tensor):
             a, b = args[0], args[1]
@@ -241,6 +301,11 @@ class _Translator:
         if t is aten.mean.dim:
             dims = sorted(d % 4 for d in args[1])
             keep = args[2] if len(args) > 2 else n.kwargs.get("keepdim", False)
+            in_rank = len(n.args[0].meta["val"].shape)
+            if in_rank != 4 and 0 not in [d % in_rank for d in args[1]]:  # token mean-pool (batch, tokens, dim)
+                self._emit(n, "mean", [self._val(args[0])],
+                           attrs=dict(dims=sorted(d % in_rank for d in args[1]), keepdim=bool(keep)))
+                return
             if len(n.args[0].meta["val"].shape) != 4 or dims != [2, 3]:
                 raise self._unsupported(n, "only mean over the spatial dims of an NCHW tensor")
             if keep:
@@ -273,8 +338,14 @@ class _Translator:
             rank = len(n.args[0].meta["val"].shape)
             start = args[1] if len(args) > 1 else 0
             end = args[2] if len(args) > 2 else -1
-            if start % rank != 1 or end % rank != rank - 1:
-                raise self._unsupported(n, "only flatten(x, 1)")
+            if start % rank != 1 or end % rank != rank - 1:  # e.g. ViT patches: flatten(2) of B x D x H x W
+                in_shape = n.args[0].meta["val"].shape
+                after = [in_shape[j] for j in range(end % rank + 1, rank)]
+                if start % rank == 0 or not all(isinstance(d, int) for d in after):
+                    raise self._unsupported(n, "flatten of the batch dim or before a dynamic dim")
+                self._emit(n, "reshape_nd", [self._val(args[0])],
+                           attrs=dict(shape=[0] * (start % rank) + [-1] + [int(d) for d in after]))
+                return
             self._emit(n, "flatten", [self._val(args[0])])
             return
         if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
@@ -284,13 +355,171 @@ class _Translator:
             is_batch = isinstance(first, torch.fx.Node) or first == in_shape[0]
             rest = shape[1:]
             if not is_batch or any(isinstance(d, torch.fx.Node) for d in rest):
-                raise self._unsupported(n, "only reshapes that keep the batch dimension first")
+                self._emit(n, "reshape_nd", [self._val(args[0])], attrs=dict(shape=self._onnx_shape(n, shape)))
+                return
             if len(rest) == 1 and rest[0] == -1 or (len(rest) == 1 and len(in_shape) > 1 and rest[0] == int(torch.tensor(in_shape[1:]).prod())):
                 self._emit(n, "flatten", [self._val(args[0])])
             else:
                 self._emit(n, "reshape", [self._val(args[0])], attrs=dict(shape=[int(d) for d in rest]))
             return
+        if self._transformer_op(n):
+            return
         raise self._unsupported(n)
+
+    # -- transformer ops ---------------------------------------------------------------
+    def _fold_constant(self, n) -> bool:
+        """Evaluate an op whose tensor arguments are all constants (e.g. selecting the
+        token-type-0 row of an embedding table) once, at capture time."""
+        nodes = [a for a in torch.utils._pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, torch.fx.Node)]
+        if not nodes or not all(a.name in self.consts for a in nodes):
+            return False
+        args, kwargs = torch.utils._pytree.tree_map(
+            lambda a: self.consts[a.name] if isinstance(a, torch.fx.Node) else a, (n.args, n.kwargs))
+        out = n.target(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return False
+        self.consts[n.name] = out.detach().clone()
+        return True
+
+    def _scalar_or_const(self, a) -> torch.Tensor | None:
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            return torch.tensor(float(a))
+        if isinstance(a, torch.fx.Node) and a.name in self.consts:
+            return self.consts[a.name].float()
+        return None
+
+    def _float_binary(self, n) -> None:
+        """add/mul where an operand is a constant or mask-derived: runs in float."""
+        a, b = n.args[0], n.args[1]
+        if n.target is aten.add.Tensor and n.kwargs.get("alpha", 1) != 1:
+            raise self._unsupported(n, "add with alpha != 1")
+        add = n.target is aten.add.Tensor
+        ca, cb = self._scalar_or_const(a), self._scalar_or_const(b)
+        if ca is not None and cb is None:
+            a, b, ca, cb = b, a, cb, ca  # both ops commute
+        if cb is not None:
+            self._emit(n, "add_const" if add else "mul_const", [self._val(a)], weight=cb)
+            return
+        self._emit(n, "add_float" if add else "mul_float", [self._val(a), self._val(b)])
+
+    def _onnx_shape(self, n, shape) -> list[int]:
+        """A reshape target in ONNX Reshape terms: 0 copies the input's dim at that position
+        (how the dynamic batch and sequence axes survive), -1 is inferred."""
+        in_shape = n.args[0].meta["val"].shape
+        out = []
+        for i, d in enumerate(shape):
+            if isinstance(d, torch.fx.Node):
+                sym = d.meta.get("val")
+                same = i < len(in_shape) and str(in_shape[i]) == str(sym)
+                out.append(0 if same else -1)
+            elif i == 0 and d == in_shape[0]:
+                out.append(0)  # the batch axis stays dynamic in the exported graph
+            else:
+                out.append(int(d))
+        if out.count(-1) > 1:
+            raise self._unsupported(n, "reshape with more than one size computed from the input shape")
+        return out
+
+    def _transformer_op(self, n) -> bool:
+        t, args, kw = n.target, n.args, n.kwargs
+        rank = len(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None
+        x = self._val(args[0]) if args and isinstance(args[0], torch.fx.Node) else None
+        if t is aten.layer_norm.default:
+            shape = list(args[1])
+            if len(shape) != 1:
+                raise self._unsupported(n, "layer_norm over more than the last dim")
+            w = self.consts[args[2].name] if len(args) > 2 and args[2] is not None else None
+            b = self.consts[args[3].name] if len(args) > 3 and args[3] is not None else None
+            eps = args[4] if len(args) > 4 else 1e-5
+            self._emit(n, "layer_norm", [x], weight=w, bias=b, attrs=dict(eps=float(eps), dim=int(shape[0])))
+        elif t is aten.gelu.default:
+            self._emit(n, "gelu", [x], attrs=dict(approximate=kw.get("approximate", args[1] if len(args) > 1 else "none")))
+        elif t in (aten.softmax.int, aten._softmax.default):
+            self._emit(n, "softmax", [x], attrs=dict(axis=int(args[1]) % rank))
+        elif t in (aten.matmul.default, aten.bmm.default):
+            if not (self._is_act(args[0]) and self._is_act(args[1])):
+                raise self._unsupported(n, "matmul with a constant operand (use nn.Linear)")
+            self._emit(n, "matmul", [x, self._val(args[1])])
+        elif t is aten.transpose.int:
+            perm = list(range(rank))
+            d0, d1 = args[1] % rank, args[2] % rank
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+            self._emit(n, "transpose", [x], attrs=dict(perm=perm))
+        elif t is aten.permute.default:
+            self._emit(n, "transpose", [x], attrs=dict(perm=[d % rank for d in args[1]]))
+        elif t is aten.scaled_dot_product_attention.default:
+            self._sdpa(n)
+        elif t is aten.t.default:
+            self._emit(n, "transpose", [x], attrs=dict(perm=[1, 0]))
+        elif t is aten.embedding.default:
+            self._emit(n, "embedding", [self._val(args[1])], weight=self.consts[args[0].name])
+        elif t is aten.slice.Tensor and args[0].name in self.consts:
+            dim = args[1] if len(args) > 1 else 0
+            start = args[2] if len(args) > 2 else None
+            end = args[3] if len(args) > 3 else None
+            step = args[4] if len(args) > 4 else 1
+            if dim != 0 or start not in (None, 0) or step != 1 or not (isinstance(end, torch.fx.Node) and end.name in self.sym):
+                raise self._unsupported(n, "only table[:seq_len] slices of a constant (position embeddings)")
+            ref, ref_dim = self.sym[end.name]
+            self._emit(n, "slice_rows", [ref], weight=self.consts[args[0].name], attrs=dict(dim=ref_dim))
+        elif t is aten.unsqueeze.default:
+            self._emit(n, "unsqueeze", [x], attrs=dict(axes=[int(args[1]) % rank]))
+        elif t in (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout):
+            dtype = kw.get("dtype", args[1] if len(args) > 1 and t is aten.to.dtype else None)
+            if dtype not in (None, torch.float32):
+                raise self._unsupported(n, f"cast to {dtype}")
+            if args[0].meta["val"].dtype == torch.float32:
+                self.alias[n.name] = x
+            else:
+                self._emit(n, "cast_float", [x])
+        elif t is aten.rsub.Scalar:
+            if kw.get("alpha", args[2] if len(args) > 2 else 1) != 1:
+                raise self._unsupported(n, "rsub with alpha != 1")
+            self._emit(n, "rsub_const", [x], attrs=dict(value=float(args[1])))
+        elif t is aten.sum.dim_IntList:
+            in_rank = len(args[0].meta["val"].shape)
+            keep = args[2] if len(args) > 2 else kw.get("keepdim", False)
+            self._emit(n, "sum", [x], attrs=dict(dims=sorted(d % in_rank for d in args[1]), keepdim=bool(keep)))
+        elif t is aten.div.Tensor and isinstance(args[1], torch.fx.Node) and not kw.get("rounding_mode"):
+            self._emit(n, "div", [x, self._val(args[1])])
+        elif t is aten.linalg_vector_norm.default:
+            order = args[1] if len(args) > 1 else kw.get("ord", 2)
+            dims = args[2] if len(args) > 2 else kw.get("dim")
+            keep = args[3] if len(args) > 3 else kw.get("keepdim", False)
+            in_rank = len(args[0].meta["val"].shape)
+            if order != 2 or dims is None:
+                raise self._unsupported(n, "only the L2 norm over given dims")
+            self._emit(n, "l2norm", [x], attrs=dict(dims=sorted(d % in_rank for d in dims), keepdim=bool(keep)))
+        else:
+            return False
+        return True
+
+    def _sdpa(self, n) -> None:
+        """scaled_dot_product_attention as the eager ops it stands for, so that Q.K^T and P.V
+        become activation x activation INT8 MatMuls: softmax(Q.K^T * scale + mask) . V."""
+        args, kw = n.args, n.kwargs
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        a = dict(zip(names, args), **kw)
+        if a.get("is_causal") or a.get("dropout_p") or a.get("enable_gqa"):
+            raise self._unsupported(n, "causal / dropout / grouped-query attention")
+        q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+        if mask is not None and mask.meta["val"].dtype == torch.bool:
+            raise self._unsupported(n, "boolean attention mask; pass an additive float mask")
+        rank = len(q.meta["val"].shape)
+        head_dim = q.meta["val"].shape[-1]
+        if not isinstance(head_dim, int):
+            raise self._unsupported(n, "dynamic head dimension")
+        scale = a.get("scale") or head_dim ** -0.5
+        perm = list(range(rank))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        kt = self._emit(n, "transpose", [self._val(k)], suffix="/k_t", attrs=dict(perm=perm))
+        s = self._emit(n, "matmul", [self._val(q), kt.output], suffix="/scores")
+        s = self._emit(n, "mul_const", [s.output], suffix="/scaled", weight=torch.tensor(float(scale)))
+        if mask is not None:
+            s = (self._emit(n, "add_const", [s.output], suffix="/masked", weight=self.consts[mask.name].float())
+                 if mask.name in self.consts else self._emit(n, "add_float", [s.output, self._val(mask)], suffix="/masked"))
+        p = self._emit(n, "softmax", [s.output], suffix="/probs", attrs=dict(axis=rank - 1))
+        self._emit(n, "matmul", [p.output, self._val(v)])
 
     def _batch_norm(self, n) -> None:
         args = n.args

@@ -19,19 +19,21 @@ import torch
 
 @dataclass(frozen=True)
 class ActQuant:
-    """Per-tensor asymmetric activation quantizer in a uint8 container."""
+    """Per-tensor activation quantizer: asymmetric in a uint8 container (ONNX Runtime layout),
+    or symmetric with zero point 0 in an int8 container (``signed``, TensorRT layout)."""
 
     scale: float  # exactly representable in float32
     zero_point: int
     bits: int
+    signed: bool = False  # True: symmetric int8 container, zero point 0 (TensorRT layout)
 
     @property
     def qmin(self) -> int:
-        return 0
+        return -(1 << (self.bits - 1)) if self.signed else 0
 
     @property
     def qmax(self) -> int:
-        return (1 << self.bits) - 1
+        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes, held in a float tensor (exact: |code| < 2**24)."""
@@ -63,6 +65,19 @@ def act_quant_from_range(lo: float, hi: float, bits: int) -> ActQuant:
     scale = float(np.float32((hi - lo) / qmax))
     zp = int(np.clip(np.round(-lo / scale), 0, qmax))
     return ActQuant(scale=scale, zero_point=zp, bits=bits)
+
+
+def symmetric_act_quant(q: ActQuant) -> ActQuant:
+    """The signed symmetric quantizer (zero point 0) covering the range ``q`` covers.
+
+    TensorRT accepts only zero point 0, so its layout turns whatever range an observer chose
+    into ``scale = max(|lo|, |hi|) / (2**(bits-1) - 1)``; codes use [-2**(bits-1), 2**(bits-1)-1]
+    (TensorRT clamps INT8 to [-128, 127]).
+    """
+    absmax = max(abs(q.lo), abs(q.hi))
+    qmax = (1 << (q.bits - 1)) - 1
+    scale = float(np.float32(absmax / qmax)) if absmax > 1e-12 else float(np.float32(1.0))
+    return ActQuant(scale=scale, zero_point=0, bits=q.bits, signed=True)
 
 
 @dataclass

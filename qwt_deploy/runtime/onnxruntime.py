@@ -19,6 +19,11 @@ class SessionFromOnnx:
     optimized_model_path: Optional[str] = None
     allow_spinning: bool = True
     level: str = "all"  # all | disable
+    # True: keep every Q/DQ node as written (session.disable_quant_qdq), i.e. run a QDQ graph
+    # in float simulation. That is how the TensorRT layout is checked on a CPU: ORT's QDQ
+    # fusion would otherwise rewrite parts of it into its own integer kernels, which is
+    # neither what TensorRT runs nor what the PyTorch simulation computes.
+    disable_qdq_fusion: bool = False
 
     def __call__(self):
         import onnxruntime as ort
@@ -31,6 +36,8 @@ class SessionFromOnnx:
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         if self.optimized_model_path:
             so.optimized_model_filepath = self.optimized_model_path
+        if self.disable_qdq_fusion:
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
         if not self.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
