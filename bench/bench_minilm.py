@@ -1,0 +1,150 @@
+"""Transformer figures on all-MiniLM-L6-v2 with real English sentences (issue #5).
+
+    python bench/bench_minilm.py [--num-calib 256] [--methods none,bias-correction,qwt2] [--bits W8A8,W4A8]
+
+Calibration: sentences of Python's bundled pydoc topics; evaluation: 256 *other* sentences of
+the same text (disjoint, fixed split). Accuracy = cosine between the exported INT8 model's
+sentence embedding (ONNX Runtime) and the FP32 PyTorch embedding. Reference: onnxruntime
+``quantize_dynamic`` (QInt8, per-tensor weights, dynamic activations) on our FP32 ONNX.
+Latency: ONNX Runtime CPU, interleaved rounds in one process (allow_spinning=0), FP32 vs INT8,
+batch 1 (one sentence) and batch 8. Everything is measured in this run; nothing hard-coded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from calibration.text import split_sentences, tokenize  # noqa: E402
+from qwt_deploy.examples import minilm  # noqa: E402
+from qwt_deploy.export.qdq import export_onnx  # noqa: E402
+from qwt_deploy.load.capture import capture  # noqa: E402
+from qwt_deploy.pipeline import int8_coverage  # noqa: E402
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx  # noqa: E402
+
+TRANSFORMER_KEEP_FLOAT = minilm.TRANSFORMER_KEEP_FLOAT
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def interleaved_ms(sessions: dict, feed: dict, rounds: int = 9, per_round: int = 10) -> dict:
+    times = {k: [] for k in sessions}
+    for s in sessions.values():
+        s.run(None, feed)
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                s.run(None, feed)
+            times[k].append((time.perf_counter() - t0) / per_round * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-calib", type=int, default=256)
+    p.add_argument("--num-eval", type=int, default=256)
+    p.add_argument("--methods", default="none,bias-correction,qwt2")
+    p.add_argument("--bits", default="W8A8")
+    p.add_argument("--keep-float", default=",".join(TRANSFORMER_KEEP_FLOAT))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cwac-reference", default="same-input", choices=("same-input", "float-input"))
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "minilm.json"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    keep_float = tuple(k for k in a.keep_float.split(",") if k)
+
+    tok, model = minilm.load_tokenizer(), minilm.build()
+    calib, held_out = split_sentences(a.num_calib, a.num_eval)
+    ci, cm = tokenize(tok, calib)
+    ei, em = tokenize(tok, held_out)
+    with torch.no_grad():
+        fp = np.concatenate([model(torch.from_numpy(ei[i:i + 64]), torch.from_numpy(em[i:i + 64])).numpy()
+                             for i in range(0, len(ei), 64)])
+    t0 = time.perf_counter()
+    graph = capture(minilm.export_program(model))
+    capture_s = time.perf_counter() - t0
+    fp32 = export_onnx(graph)
+    fp32_sess = SessionFromOnnx(fp32.SerializeToString(), a.threads, allow_spinning=False)()
+    fp32_cos = cosines(minilm.embed_ort(fp32_sess, ei, em), fp)
+    report = dict(machine=platform.processor() or platform.machine(), threads=a.threads,
+                  cwac_reference=a.cwac_reference, calib_sentences=len(calib),
+                  eval_sentences=len(held_out), keep_float=list(keep_float), capture_s=capture_s,
+                  fp32_onnx_min_cosine=float(fp32_cos.min()), rows=[])
+    print(f"FP32 ONNX vs PyTorch: min cosine {fp32_cos.min():.6f}; {len(calib)} calibration / {len(held_out)} held-out sentences")
+
+    # reference: ORT dynamic quantization of the same FP32 graph
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as td:
+        src, dst = os.path.join(td, "fp32.onnx"), os.path.join(td, "dyn.onnx")
+        onnx.save(fp32, src)
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        dyn_bytes = open(dst, "rb").read()
+    dyn_sess = SessionFromOnnx(dyn_bytes, a.threads, allow_spinning=False)()
+    c = cosines(minilm.embed_ort(dyn_sess, ei, em), fp)
+    report["rows"].append(dict(method="ort quantize_dynamic QInt8", bits="W8A8-dyn", cos_mean=float(c.mean()),
+                               cos_min=float(c.min()), size_mb=len(dyn_bytes) / 1e6))
+    print(f"{'ort quantize_dynamic':24s} cos mean {c.mean():.5f} min {c.min():.5f}")
+
+    sessions = {}
+    for bits in a.bits.split(","):
+        w_bits, a_bits = int(bits[1]), int(bits[3])
+        for method in a.methods.split(","):
+            r = minilm.quantize(model, ci, cm, method=method, w_bits=w_bits, a_bits=a_bits, keep_float=keep_float,
+                                graph=graph, reference=a.cwac_reference)
+            with tempfile.TemporaryDirectory() as td:
+                opt = os.path.join(td, "opt.onnx")
+                data = r.folded.SerializeToString()
+                sess = SessionFromOnnx(data, a.threads, optimized_model_path=opt, allow_spinning=False)()
+                ops = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+            c = cosines(minilm.embed_ort(sess, ei, em), fp)
+            row = dict(method=method, bits=bits, cos_mean=float(c.mean()), cos_min=float(c.min()),
+                       cos_p05=float(np.percentile(c, 5)), calibrate_s=r.seconds["calibrate"],
+                       export_fold_s=r.seconds["export_fold"], folded_layers=r.n_folded, size_mb=len(data) / 1e6,
+                       integer_kernels={k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul",
+                                                                               "QGemm", "MatMulInteger", "QLinearAdd")},
+                       float_matmuls=ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) + ops.get("Gemm", 0),
+                       coverage=int8_coverage(onnx.load_from_string(data)) if False else None)
+            report["rows"].append(row)
+            print(f"{method + ' ' + bits:24s} cos mean {c.mean():.5f} min {c.min():.5f} p5 {row['cos_p05']:.5f} "
+                  f"calib {row['calibrate_s']:.1f}s kernels {row['integer_kernels']} float matmuls {row['float_matmuls']}",
+                  flush=True)
+            if bits == "W8A8" and method == a.methods.split(",")[-1]:
+                sessions["int8"] = sess
+    if not a.no_latency and sessions:
+        sessions["fp32"] = fp32_sess
+        sessions["ort_dynamic"] = dyn_sess
+        lat = {}
+        for b in (1, 8):
+            feed = {"input_ids": ei[:b, :int(em[:b].sum(1).max())], "attention_mask": em[:b, :int(em[:b].sum(1).max())]}
+            ms = interleaved_ms(sessions, feed)
+            lat[f"batch{b}"] = dict(ms, int8_over_fp32=ms["int8"] / ms["fp32"], tokens=int(feed["input_ids"].shape[1]))
+            print(f"latency batch {b} ({feed['input_ids'].shape[1]} tokens): " +
+                  ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()) + f"; int8/fp32 {ms['int8'] / ms['fp32']:.3f}")
+        report["latency_ms"] = lat
+    report["size_mb"] = dict(fp32=len(fp32.SerializeToString()) / 1e6)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {a.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
