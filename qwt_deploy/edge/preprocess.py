@@ -1,0 +1,59 @@
+"""Image bytes -> model input, exactly as the model was calibrated (metadata from qwt-export).
+
+A re-implementation of ``calibration.preprocess.Preprocess.center`` in Pillow + numpy, because
+the calibration package sits beside torch on the workstation; a test checks that both give the
+same tensor for a real photo.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .metadata import ImagePreprocess
+
+# Decompression bombs: a few KB of PNG can claim 10^10 pixels. Refuse anything above this many
+# pixels (a 64-megapixel photo still passes) instead of letting Pillow allocate it.
+MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image Pillow can decode, or the image is absurdly large."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise ImageDecodeError(f"image is {w}x{h} pixels, more than the limit of {MAX_PIXELS}")
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"image cannot be decoded ({type(e).__name__}: {e})") from None
+    return img
+
+
+def image_to_tensor(img: Image.Image, pre: ImagePreprocess) -> np.ndarray:
+    """PIL image -> 3 x crop x crop float32: short side to ``resize`` (bicubic), center crop,
+    ``(pixel - mean) / std`` on 0..255 RGB."""
+    img = img.convert("RGB")
+    w, h = img.size
+    s = pre.resize / min(w, h)
+    img = img.resize((max(pre.crop, round(w * s)), max(pre.crop, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
+    rgb = np.asarray(img.crop((left, top, left + pre.crop, top + pre.crop)))
+    x = (rgb.astype(np.float32) - np.float32(pre.mean)) / np.float32(pre.std)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_image_bytes(data: bytes, pre: ImagePreprocess) -> np.ndarray:
+    return image_to_tensor(decode_image(data), pre)
