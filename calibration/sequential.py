@@ -45,7 +45,11 @@ from .observers import observe
 class CalibrationSettings:
     w_bits: int = 8
     a_bits: int = 8
-    calib_method: str = "minmax"  # activation observer: minmax | percentile | mse
+    # activation observer: minmax | percentile | mse | auto. auto = minmax for ort (uint8
+    # asymmetric: min-max uses the whole grid) and mse for trt, whose symmetric INT8 spends half
+    # its codes on negatives a ReLU6 output never has; clipping outliers wins the resolution back
+    # (Lite0 W8A8 qwt2, 525 held-out crops: trt minmax 0.9714, trt mse 0.9829, ort minmax 0.9810)
+    calib_method: str = "auto"
     percentile: float = 99.99
     weight_observer: str = "auto"  # minmax | mse | auto (mse below 8 bits)
     method: str = "qwt2"  # none | bias-correction | qwt | qwt2 | qwt,qwt2
@@ -89,6 +93,13 @@ def _scaled(bias: Optional[torch.Tensor], alpha) -> torch.Tensor | float:
     return 0.0 if bias is None else bias * torch.from_numpy(alpha).to(bias.dtype)
 
 
+def activation_observer(settings: CalibrationSettings, plan: QuantPlan) -> str:
+    """The observer ``calib_method`` names, with ``auto`` resolved for the plan's target."""
+    if settings.calib_method != "auto":
+        return settings.calib_method
+    return "mse" if plan.target == "trt" else "minmax"
+
+
 def _sqnr_db(var: float, mse: float) -> float:
     import math
 
@@ -122,7 +133,7 @@ def calibrate(
         if plan.is_quantized(value):
             root = plan.root(value)
             if root == value and value not in params.acts:  # preset: a skipped QwT branch reuses Y's
-                params.acts[value] = observe(ys, s.calib_method, s.a_bits, s.percentile)
+                params.acts[value] = observe(ys, activation_observer(s, plan), s.a_bits, s.percentile)
                 if plan.signed_activations:  # TensorRT: zero point 0
                     params.acts[value] = symmetric_act_quant(params.acts[value])
             else:

@@ -9,7 +9,7 @@ from calibration.preprocess import Preprocess
 from calibration.sequential import CalibrationSettings
 
 METHODS = ("none", "bias-correction", "qwt", "qwt2", "qwt,qwt2")  # qwt = QwT (v1) block branches
-CALIB_METHODS = ("minmax", "percentile", "mse")
+CALIB_METHODS = ("auto", "minmax", "percentile", "mse")
 TARGETS = ("ort", "trt")  # ONNX Runtime CPU integer kernels | TensorRT explicit quantization
 
 

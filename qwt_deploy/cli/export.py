@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated op kinds left in float (default layer_norm,softmax,gelu: no integer "
                         "kernel, or the attention mask in softmax's input); add 'add' to keep residual adds "
                         "float (transformers' outlier channels); remove one to quantize it")
-    q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="activation range observer (default minmax)")
+    q.add_argument("--calib-method", choices=CALIB_METHODS, default="auto", help="activation range observer; "
+                   "auto (default) = minmax for --target ort, mse for --target trt (symmetric INT8 wastes half "
+                   "its grid on ReLU outputs, so clipping outliers pays there)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --calib-method percentile (default 99.99)")
     q.add_argument("--weight-observer", choices=("auto", "minmax", "mse"), default="auto",
                    help="per-channel weight range: auto = mse below 8 bits, else minmax")
