@@ -139,11 +139,7 @@ def bench_minilm(quick: bool, threads: int, log) -> dict:
                 f"calib {row['calib_s']:.1f}s  blocks kept {row['blocks_kept']}/{row['blocks_found']}")
         sessions = {m: SessionFromOnnx(d, threads=threads, allow_spinning=False)() for m, d in deployed.items()}
         ms = interleaved_feeds_ms(sessions, feeds, rounds=9 if quick else 21)
-        for row in res["rows"]:
-            if row["bits"] == f"W{bits[0]}A{bits[1]}":
-                row["latency_ms_bs1"] = ms[row["method"]]
-                row["latency_vs_none"] = ms[row["method"]] / ms["none"]
-        log(f"{bits} latency bs1 (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+        _record_latency(res, bits, ms, log)
         del sessions
     return res
 
@@ -198,13 +194,18 @@ def bench_model(key: str, quick: bool, threads: int, log) -> dict:
                 f"blocks kept {row['blocks_kept']}/{row['blocks_found']}")
         sessions = {m: SessionFromOnnx(d, threads=threads, allow_spinning=False)() for m, d in deployed.items()}
         ms = interleaved_latency_ms(sessions, xe[:1], rounds=9 if quick else 21, per_round=10)
-        for row in res["rows"]:
-            if row["bits"] == f"W{bits[0]}A{bits[1]}":
-                row["latency_ms_bs1"] = ms[row["method"]]
-                row["latency_vs_none"] = ms[row["method"]] / ms["none"]
-        log(f"{bits} latency bs1 (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+        _record_latency(res, bits, ms, log)
         del sessions
     return res
+
+
+def _record_latency(res: dict, bits: tuple, ms: dict, log) -> None:
+    """Store each method's batch-1 latency, and its ratio to plain INT8 (``none``), in the rows of ``bits``."""
+    for row in res["rows"]:
+        if row["bits"] == f"W{bits[0]}A{bits[1]}":
+            row["latency_ms_bs1"] = ms[row["method"]]
+            row["latency_vs_none"] = ms[row["method"]] / ms["none"]
+    log(f"{bits} latency bs1 (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
 
 
 def markdown(name: str, r: dict) -> str:

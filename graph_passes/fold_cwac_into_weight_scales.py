@@ -59,6 +59,21 @@ def _channel_vector(t, channels: int) -> Optional[np.ndarray]:
     return v.reshape(-1).astype(np.float64)
 
 
+def _int8_weight_dq(layer: gs.Node):
+    """(DequantizeLinear, INT8 codes, scale) feeding ``layer``'s weight input, if that input is a
+    DequantizeLinear of constant INT8 codes with zero point 0; else None."""
+    w_in = layer.inputs[1]
+    if len(w_in.inputs) != 1 or w_in.inputs[0].op != "DequantizeLinear":
+        return None
+    dq = w_in.inputs[0]
+    codes, scale = _const(dq.inputs[0]), _const(dq.inputs[1])
+    if codes is None or scale is None or codes.dtype != np.int8:
+        return None
+    if len(dq.inputs) > 2 and _const(dq.inputs[2]) is not None and np.any(_const(dq.inputs[2]) != 0):
+        return None
+    return dq, codes, scale
+
+
 def select_cwac_pair(layer: gs.Node) -> Optional[_Match]:
     """Selector. Preconditions, all required:
 
@@ -76,15 +91,10 @@ def select_cwac_pair(layer: gs.Node) -> Optional[_Match]:
         return None
     if layer.op == "Gemm" and (layer.attrs.get("transB", 0) != 1 or layer.attrs.get("transA", 0) != 0):
         return None
-    w_in = layer.inputs[1]
-    if len(w_in.inputs) != 1 or w_in.inputs[0].op != "DequantizeLinear":
+    found = _int8_weight_dq(layer)
+    if found is None or found[2].ndim != 1 or found[0].attrs.get("axis", 1) != 0:
         return None
-    dq = w_in.inputs[0]
-    codes, scale = _const(dq.inputs[0]), _const(dq.inputs[1])
-    if codes is None or scale is None or codes.dtype != np.int8 or scale.ndim != 1 or dq.attrs.get("axis", 1) != 0:
-        return None
-    if len(dq.inputs) > 2 and _const(dq.inputs[2]) is not None and np.any(_const(dq.inputs[2]) != 0):
-        return None
+    dq, codes, scale = found
     channels = scale.size
     mul = layer.outputs[0].outputs[0]
     if mul.op != "Mul" or len(mul.outputs[0].outputs) != 1:
@@ -209,16 +219,11 @@ def select_matmul_cwac(layer: gs.Node) -> Optional[_MatMulMatch]:
     """
     if layer.op != "MatMul" or len(layer.inputs) != 2:
         return None
-    w_in = layer.inputs[1]
-    if len(w_in.inputs) != 1 or w_in.inputs[0].op != "DequantizeLinear":
+    found = _int8_weight_dq(layer)
+    if found is None:
         return None
-    dq = w_in.inputs[0]
-    codes, scale = _const(dq.inputs[0]), _const(dq.inputs[1])
-    if codes is None or scale is None or codes.dtype != np.int8 or codes.ndim != 2 or scale.ndim != 1:
-        return None
-    if dq.attrs.get("axis", 1) % 2 != 1 or scale.size != codes.shape[1]:
-        return None
-    if len(dq.inputs) > 2 and _const(dq.inputs[2]) is not None and np.any(_const(dq.inputs[2]) != 0):
+    dq, codes, scale = found
+    if codes.ndim != 2 or scale.ndim != 1 or dq.attrs.get("axis", 1) % 2 != 1 or scale.size != codes.shape[1]:
         return None
     channels = scale.size
     bias_add = _sole_reader(layer, "Add")
