@@ -2,6 +2,7 @@
 
     python bench/bench_serve.py --model lite0.int8.onnx            # 1,000 requests each, 8 concurrent
     python bench/bench_serve.py --model lite0.int8.onnx --threads 1 --requests 200
+    python bench/bench_serve.py --model lite0.int8.onnx --soak 5000      # memory soak: RSS every 500 requests
 
 Starts two qwt-serve processes on 127.0.0.1 (ephemeral ports): one with dynamic batching, one
 with --no-batching. Requests are real photos (the 20 foolbox ImageNet JPEGs and scikit-image's
@@ -10,6 +11,12 @@ servers are loaded in alternating rounds, so that a noisy shared CPU hits both a
 p50/p99 latency, throughput, errors, mean batch size (from /metrics) and each server's RSS after
 warm-up, after each round and after the load: a leak grows round after round, while ONNX Runtime's
 memory arena grows to the peak concurrency once and then stays flat. Writes bench/results/serve.json.
+
+--soak N sends N requests to each server in stages of --soak-stage (default 500), alternating
+between the servers stage by stage, and prints each server's RSS (VmRSS from /proc/PID/status)
+after every stage, with the growth per 1,000 requests over the first and the second half of the
+soak: a leak keeps growing at the same rate, a warm-up (ORT arena, allocator pools) flattens out.
+Writes bench/results/serve_soak.json.
 
 Without --model, EfficientNet-Lite0 INT8 is exported first (needs the demo extra and torch).
 """
@@ -51,7 +58,8 @@ def photos() -> list[tuple[bytes, str]]:
 
 
 class Server:
-    def __init__(self, model: str, flags: list[str]):
+    def __init__(self, model: str, flags: list[str], fresh_connections: bool = False):
+        self.fresh = fresh_connections  # a new TCP connection (so a new server thread) per request
         self.proc = subprocess.Popen([sys.executable, "-m", "qwt_deploy.cli.serve", model, "--port", "0", *flags],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         line = self.proc.stdout.readline()
@@ -80,6 +88,9 @@ class Server:
             r = c.getresponse()
             data = r.read()
             ok = r.status == 200 and b'"top_k"' in data
+            if self.fresh:
+                c.close()
+                self.local.c = None
         except (OSError, http.client.HTTPException):
             self.local.c = None
             ok = False
@@ -99,6 +110,55 @@ def metric_sum(text: str, name: str) -> float:
     return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + " ") or l.startswith(name + "{"))
 
 
+def slope_kb_per_1000(requests: list[int], rss_mb: list[float]) -> float:
+    """Least-squares RSS growth in KB per 1,000 requests (0 for fewer than two points)."""
+    if len(requests) < 2:
+        return 0.0
+    return float(np.polyfit(np.asarray(requests, float), np.asarray(rss_mb, float), 1)[0] * 1024 * 1000)
+
+
+def soak(servers: dict, imgs: list, total: int, stage: int, concurrency: int) -> dict:
+    """``total`` requests per server in stages of ``stage``; RSS after each stage."""
+    table = {name: dict(requests=[0], rss_mb=[round(s.rss_mb(), 1)], errors=0) for name, s in servers.items()}
+    pools = {name: cf.ThreadPoolExecutor(concurrency) for name in servers}  # persistent keep-alive clients
+    done, k, t0 = 0, 0, time.perf_counter()
+    try:
+        while done < total:
+            n = min(stage, total - done)
+            for name, s in servers.items():
+                jobs = [imgs[(k + i) % len(imgs)] for i in range(n)]
+                out = list(pools[name].map(lambda j: s.predict(*j), jobs))
+                table[name]["errors"] += sum(1 for ok, _ in out if not ok)
+                table[name]["requests"].append(done + n)
+                table[name]["rss_mb"].append(round(s.rss_mb(), 1))
+            done += n
+            k += n
+            print(f"  {done} requests per server, {time.perf_counter() - t0:.0f} s: "
+                  + ", ".join(f"{name} {t['rss_mb'][-1]:.1f} MB" for name, t in table.items()), file=sys.stderr)
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+    for t in table.values():
+        h = len(t["requests"]) // 2  # first stage after warm-up .. middle, middle .. end
+        t["growth_kb_per_1000_first_half"] = round(slope_kb_per_1000(t["requests"][1:h + 1], t["rss_mb"][1:h + 1]), 1)
+        t["growth_kb_per_1000_second_half"] = round(slope_kb_per_1000(t["requests"][h:], t["rss_mb"][h:]), 1)
+        # RSS wobbles by several MB from stage to stage (allocator arenas, ORT buffers); the peaks
+        # say more than a slope: a leak keeps raising the peak, a warm-up does not.
+        t["peak_mb_first_half"] = max(t["rss_mb"][1:h + 1], default=None)
+        t["peak_mb_second_half"] = max(t["rss_mb"][h + 1:], default=None)
+    return table
+
+
+def print_soak(table: dict) -> None:
+    names = list(table)
+    print(f"{'requests':>9}" + "".join(f"{n + ' RSS MB':>22}" for n in names))
+    for i, r in enumerate(table[names[0]]["requests"]):
+        print(f"{r:>9}" + "".join(f"{table[n]['rss_mb'][i]:>22.1f}" for n in names))
+    for key in ("growth_kb_per_1000_first_half", "growth_kb_per_1000_second_half", "peak_mb_first_half",
+                "peak_mb_second_half", "errors"):
+        print(f"{key:<34}" + "  ".join(f"{n} {table[n][key]}" for n in names))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="INT8 ONNX model (default: export EfficientNet-Lite0 INT8 first)")
@@ -108,8 +168,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="qwt-serve --threads (ORT intra-op threads)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--out", default=os.path.join(RESULTS, "serve.json"))
+    p.add_argument("--soak", type=int, default=0, metavar="N",
+                   help="memory soak instead of the load test: N requests per server, RSS after every stage")
+    p.add_argument("--soak-stage", type=int, default=500, help="requests per soak stage (default 500)")
+    p.add_argument("--fresh-connections", action="store_true",
+                   help="one TCP connection per request (as curl or a health checker does), not keep-alive")
+    p.add_argument("--out", help="JSON results (default bench/results/serve.json, or serve_soak.json with --soak)")
     a = p.parse_args()
+    a.out = a.out or os.path.join(RESULTS, "serve_soak.json" if a.soak else "serve.json")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     model = a.model
     if not model:
@@ -120,8 +186,9 @@ def main() -> int:
                            check=True)
     imgs = photos()
     common = ["--threads", str(a.threads)]
-    servers = {"batching": Server(model, common + ["--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)]),
-               "no_batching": Server(model, common + ["--no-batching"])}
+    servers = {"batching": Server(model, common + ["--max-batch", str(a.max_batch), "--max-wait-ms", str(a.max_wait_ms)],
+                                  a.fresh_connections),
+               "no_batching": Server(model, common + ["--no-batching"], a.fresh_connections)}
     res = {}
     try:
         for name, s in servers.items():
@@ -130,6 +197,20 @@ def main() -> int:
                 list(pool.map(lambda i: s.predict(*imgs[i % len(imgs)]), range(max(len(imgs), 4 * a.concurrency))))
             res[name]["rss_before_mb"] = s.rss_mb()
             res[name]["metrics_before"] = s.metrics()
+        if a.soak:
+            table = soak(servers, imgs, a.soak, a.soak_stage, a.concurrency)
+            report = dict(model=os.path.abspath(model), photos=len(imgs), server_threads=a.threads,
+                          max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, concurrency=a.concurrency,
+                          soak_requests=a.soak, stage=a.soak_stage, fresh_connections=a.fresh_connections,
+                          malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"), cpu_count=os.cpu_count(),
+                          load_avg_at_end=os.getloadavg(),
+                          rss_after_warmup_mb={n: round(r["rss_before_mb"], 1) for n, r in res.items()},
+                          rss_at_start_mb={n: round(r["rss_start_mb"], 1) for n, r in res.items()}, soak=table)
+            with open(a.out, "w") as f:
+                json.dump(report, f, indent=1)
+            print_soak(table)
+            print(f"wrote {a.out}")
+            return 0 if all(t["errors"] == 0 for t in table.values()) else 1
         # One client pool per server for the whole run: its 8 keep-alive connections (and so the
         # server's 8 handler threads) persist across rounds, as behind a real client pool.
         pools = {name: cf.ThreadPoolExecutor(a.concurrency) for name in servers}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -66,6 +67,18 @@ def load_image_folder(folder: str, pre: Preprocess, limit: int) -> np.ndarray:
     return np.stack(out)
 
 
+def for_channels(pre: Preprocess, channels: int) -> Preprocess:
+    """The preprocessing for a model with ``channels`` input channels. The CLI writes one
+    ``--mean``/``--std`` value as three; a grey (1-channel) model reads images as grey with that
+    one value. Three different values cannot mean grey: say so rather than guess."""
+    if channels != 1 or len(pre.mean) == 1:
+        return pre
+    if len(set(pre.mean)) != 1 or len(set(pre.std)) != 1:
+        raise QwtError(f"the model takes 1-channel (grey) images but --mean/--std give three values "
+                       f"({', '.join(map(str, pre.mean))})", "pass one value each, e.g. --mean 72.9 --std 90.0")
+    return replace(pre, mean=pre.mean[:1], std=pre.std[:1])
+
+
 def load_calibration(source: str, input_shape: tuple, num: int, pre: Preprocess, seed: int = 0) -> np.ndarray:
     """Return at most ``num`` validated samples shaped like the model input (without batch)."""
     if source == "synthetic":
@@ -81,7 +94,7 @@ def load_calibration(source: str, input_shape: tuple, num: int, pre: Preprocess,
 
         x = example_from_source(source).calibration(num, seed)
     elif os.path.isdir(source):
-        x = load_image_folder(source, pre, num)
+        x = load_image_folder(source, for_channels(pre, input_shape[0] if input_shape else 3), num)
     elif os.path.isfile(source):
         x = load_array(source)[:num]
     else:
@@ -107,7 +120,43 @@ def validate(x: np.ndarray, input_shape: tuple, source: str) -> np.ndarray:
     return x
 
 
-def batches(x: np.ndarray, batch_size: int):
+def batches(x, batch_size: int):
+    """Calibration batches as ``calibrate`` takes them: tensors for an array, or for an
+    :class:`~calibration.inputs.InputSet` one tensor/tuple per batch (token sets sorted by
+    length and trimmed, see calibration/inputs.py)."""
     import torch
 
+    from .inputs import InputSet
+
+    if isinstance(x, InputSet):
+        return [b.torch() for b in x.batches(batch_size)]
     return [torch.from_numpy(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+
+
+def load_model_inputs(source: str, graph, num: int, pre: Preprocess, seed: int = 0):
+    """At most ``num`` validated samples of every input of ``graph`` (an ``InputSet``).
+
+    One float input: every source of :func:`load_calibration`. Several inputs (token ids and
+    an attention mask): an ``.npz`` with one array per input, named as the inputs, or a
+    built-in example's own data (``example:NAME``)."""
+    from .inputs import InputSet, load_named_arrays, validate_inputs
+
+    if len(graph.inputs) == 1 and graph.is_float_input(graph.inputs[0]):
+        name = graph.inputs[0]
+        return InputSet.single(name, load_calibration(source, graph.input_shapes[name][1:], num, pre, seed))
+    names = ", ".join(graph.inputs)
+    fix = f"pass an .npz with one array per input: numpy.savez('calib.npz', {', '.join(f'{n}=...' for n in graph.inputs)})"
+    if source.startswith("example:"):
+        from qwt_deploy.examples import example_from_source
+
+        data = example_from_source(source).calibration(num, seed)
+        if not isinstance(data, InputSet) or data.names != tuple(graph.inputs):
+            raise QwtError(f"--calib-data {source} does not fit a model with inputs {names}",
+                           "use the example's own model (--example), or " + fix[0].lower() + fix[1:])
+        return validate_inputs(dict(zip(data.names, data.arrays)), graph, source)
+    if source in ("synthetic", "bundled") or os.path.isdir(source):
+        raise QwtError(f"--calib-data {source} gives images, but the model takes {len(graph.inputs)} inputs ({names})", fix)
+    if not os.path.isfile(source):
+        raise QwtError(f"calibration data {source} does not exist", fix)
+    arrays = load_named_arrays(source, graph.inputs)
+    return validate_inputs({k: v[:num] for k, v in arrays.items()}, graph, source)

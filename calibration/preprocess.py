@@ -1,7 +1,8 @@
 """Image preprocessing for calibration folders and bundled photos.
 
 Explicit and typed: resize the short side, center-crop, then ``(pixel - mean) / std`` per
-channel on 0..255 RGB values. Nothing is guessed from the model.
+channel on 0..255 RGB values (or grey, with one mean/std value: the image is converted to
+Pillow's "L", as the edge runtime does for 1-channel models). Nothing is guessed from the model.
 """
 
 from __future__ import annotations
@@ -16,19 +17,27 @@ from PIL import Image
 class Preprocess:
     resize: int = 256  # short side, pixels
     crop: int = 224
-    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)  # on 0..255 RGB
-    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+    mean: tuple[float, ...] = (127.0, 127.0, 127.0)  # on 0..255, per channel: 3 (RGB) or 1 (grey)
+    std: tuple[float, ...] = (128.0, 128.0, 128.0)
+
+    @property
+    def color(self) -> str:
+        """Pillow mode the images are converted to: "L" (grey, 1 channel) with one mean/std value."""
+        return "L" if len(self.mean) == 1 else "RGB"
 
     def to_dict(self) -> dict:
-        return dict(resize=self.resize, crop=self.crop, mean=list(self.mean), std=list(self.std), layout="NCHW RGB")
+        return dict(resize=self.resize, crop=self.crop, mean=list(self.mean), std=list(self.std),
+                    layout=f"NCHW {self.color}")
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
-        """HxWx3 uint8 -> 3xHxW float32."""
+        """HxWx3 (or HxW grey) uint8 -> CxHxW float32."""
+        if rgb.ndim == 2:
+            rgb = rgb[:, :, None]
         x = (rgb.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
         return np.ascontiguousarray(x.transpose(2, 0, 1))
 
     def center(self, img: Image.Image) -> np.ndarray:
-        img = img.convert("RGB")
+        img = img.convert(self.color)
         w, h = img.size
         s = self.resize / min(w, h)
         img = img.resize((max(self.crop, round(w * s)), max(self.crop, round(h * s))), Image.BICUBIC)
@@ -38,7 +47,7 @@ class Preprocess:
 
     def random_crop(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
         """Inception-style random-resized crop (area 8%-100%, aspect 3/4-4/3) plus a random flip."""
-        img = img.convert("RGB")
+        img = img.convert(self.color)
         w, h = img.size
         for _ in range(10):
             area = w * h * rng.uniform(0.08, 1.0)

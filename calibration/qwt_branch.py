@@ -30,6 +30,25 @@ mean_c Var(x_c)``, so one setting works at any activation scale; it does not pen
 R² = 1 - SS_res / SS_tot with SS_tot around the per-output-channel mean of the target,
 summed over all entries (the reference code's definition). A branch is kept only if R² > 0;
 otherwise it is zero and is not exported: QwT's rule that a branch may only help.
+
+Branch precision (per target, :data:`BRANCH_PRECISION`)
+--------------------------------------------------------
+- ``--target ort``: FP32. ONNX Runtime's CPU provider has no FP16 Conv/MatMul kernels on
+  x86 (it inserts Casts and computes in FP32, measured with ORT 1.32), so FP16 there would
+  only add two Casts per branch and rounding, and save nothing but file size.
+- ``--target trt``: FP16, as the QwT issue asks. TensorRT 11 networks are strongly typed
+  (backends.md §3 rule 7): a layer runs in the type the ONNX graph gives its tensors, so the
+  branch is exported as ``Cast(X -> float16) -> Conv/MatMul(FP16 weight [+ FP16 bias]) ->
+  Cast(-> float32) -> Add(Y)``: the 1x1 conv / GEMM runs on FP16 tensor cores at half the
+  weight bytes, and Y (the INT8 block's float output) is never rounded to FP16.
+  ``BranchFit.branch`` computes what those kernels compute: X, W and b rounded to FP16,
+  products accumulated in FP32 (the compute type of TensorRT's FP16 tensor-core Conv/GEMM
+  kernels), the layer output rounded once to FP16 (a MatMul's bias Add rounds once more, as
+  the separate ONNX Add does), then widened to FP32 and added to Y. TensorRT does not promise
+  a tactic's accumulation type; an FP16-accumulating tactic would differ by a few FP16 ulps of
+  the branch, far below one INT8 output step. A block whose calibration input (or a bound on
+  its branch output) comes within 2x of FP16's largest value keeps an FP32 branch
+  (:func:`fits_fp16`): an overflow would make the block output inf.
 """
 
 from __future__ import annotations
@@ -47,6 +66,20 @@ from qwt_deploy.graph.ir import Graph, Node
 from qwt_deploy.graph.ops import OPS
 
 METHOD_PARTS = ("none", "bias-correction", "qwt", "qwt2")
+
+# QwT branch arithmetic per target (see the module docstring for why): "fp32" | "fp16"
+BRANCH_PRECISION = {"ort": "fp32", "trt": "fp16"}
+_BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
+
+
+def branch_precision(target: str) -> str:
+    """The precision the ``target`` backend runs QwT branches in (FP32 if unknown)."""
+    return BRANCH_PRECISION.get(target, "fp32")
+
+
+def _fp16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the nearest float16 (ties to even, as ONNX Cast), kept as float32."""
+    return t.half().float()
 
 
 def method_parts(method: str) -> set[str]:
@@ -96,18 +129,31 @@ class BranchFit:
     mse_after: float  # same with the branch (equals mse_before when not kept)
     kept: bool
     rows: int = 0  # regression rows (samples x positions/tokens) the fit used
+    precision: str = "fp32"  # what the deployed branch computes in: "fp32" (ort) | "fp16" (trt)
 
     @property
     def params(self) -> int:
         return int(self.weight.numel() + self.bias.numel()) if self.kept else 0
 
+    @property
+    def bytes(self) -> int:
+        """Bytes the exported branch's weight and bias initializers take."""
+        return self.params * _BYTES_PER_PARAM[self.precision]
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """``W·x + b`` as the exported branch computes it (float32 result)."""
+        if self.precision == "fp16":  # FP16 operands, FP32 accumulation, FP16 output
+            x, w, b = _fp16(x), _fp16(self.weight), _fp16(self.bias)
+            if self.kind == "conv":
+                return _fp16(F.conv2d(x, w, b, self.stride, 0, 1, self.groups))
+            return _fp16(_fp16(F.linear(x, w)) + b)  # MatMul, then the FP16 bias Add
         if self.kind == "conv":
             return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
         return F.linear(x, self.weight, self.bias)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + W·x + b`` in float32, as the exported Conv/MatMul + Add compute it."""
+        """``y + W·x + b``, as the exported Conv/MatMul (+ Casts) + Add compute it; the sum is
+        float32 for both precisions."""
         return y + self.branch(x) if self.kept else y
 
 
@@ -195,6 +241,8 @@ class BlockReport:
     rows: int = 0  # regression rows; rows / (c_in / groups + 1) well below ~30 risks overfitting
     # (seen on MiniLM: 32 sentences give R^2 0.2-0.4 on calibration data and a worse model on
     # held-out text; raise --num-calib or --qwt-ridge)
+    precision: str = "fp32"  # the exported branch's arithmetic: fp32 (ort) | fp16 (trt)
+    bytes: int = 0  # bytes of the exported branch's weight + bias (0 if not kept)
 
 
 def _stats_for(x: torch.Tensor, y: torch.Tensor, group_channels: int) -> BranchStats:
@@ -219,26 +267,50 @@ def run_block_float(nodes: list[Node], env: dict[str, torch.Tensor]) -> torch.Te
     return env[nodes[-1].output]
 
 
+FP16_MAX = 65504.0  # largest finite float16
+
+
+def fits_fp16(fit: BranchFit, x_absmax: float) -> bool:
+    """Can the FP16 branch run without overflow? FP16 ends at 65504; an input, weight or
+    product sum beyond it becomes inf, and so would the block output. We require the block
+    input seen in calibration, and a bound on the branch output (|x|max * max_c sum|W_c| +
+    max|b|), to stay below half of that, leaving headroom for held-out inputs. A block that
+    fails keeps an FP32 branch (its report says so: ``precision`` "fp32")."""
+    w = fit.weight.reshape(fit.weight.shape[0], -1).abs().sum(1).max() if fit.weight.numel() else torch.tensor(0.0)
+    bound = x_absmax * float(w) + (float(fit.bias.abs().max()) if fit.bias.numel() else 0.0)
+    return max(x_absmax, bound, float(fit.weight.abs().max()) if fit.weight.numel() else 0.0) < FP16_MAX / 2
+
+
 def fit_block_branch(graph: Graph, node: Node, ins: list[list[torch.Tensor]], ridge: float,
-                     group_channels: int) -> tuple[BranchFit, BlockReport]:
+                     group_channels: int, precision: str = "fp32") -> tuple[BranchFit, BlockReport]:
     """Fit the branch of the ``qwt_branch`` node ``node``. ``ins[k]`` holds, per calibration
     batch, what the node reads on its input k: X_q (the kept block input), Y_q (the block
-    output as the branch reads it), then side inputs (e.g. an attention mask)."""
+    output as the branch reads it), then side inputs (e.g. an attention mask). ``precision``
+    (:func:`branch_precision` of the target) is what the deployed branch computes in: the
+    fit is solved in float64 either way, and ``BranchFit.apply`` then computes what the
+    backend runs, so calibration continues with the deployed value. An FP16 branch that could
+    overflow (:func:`fits_fp16`) is kept in FP32."""
+    if precision not in _BYTES_PER_PARAM:
+        raise ValueError(f"branch precision {precision!r} is not one of {sorted(_BYTES_PER_PARAM)}")
     assert node.op == QWT_BRANCH
     by_name = {n.name: n for n in graph.nodes}
     block = [by_name[k] for k in node.attrs["block_nodes"]]
     x_value = node.inputs[0]
     stats: Optional[BranchStats] = None
+    x_absmax = 0.0
     for b, (x, yq) in enumerate(zip(ins[0], ins[1])):
         env = {x_value: x, **{v: ins[k][b] for k, v in enumerate(node.inputs[2:], 2)}}
         yfp = run_block_float(block, env)
         if stats is None:
             stats = _stats_for(x, yq, group_channels)
         stats.update(x, yq, yfp)
+        x_absmax = max(x_absmax, float(x.abs().max()) if x.numel() else 0.0)
     fit = stats.solve(ridge)
+    fit.precision = precision if precision != "fp16" or fits_fp16(fit, x_absmax) else "fp32"
     rep = BlockReport(name=node.attrs["block"], x=x_value, y=node.inputs[1], kind=fit.kind, c_in=stats.c_in,
                       c_out=stats.c_out, stride=fit.stride, groups=fit.groups, r2=fit.r2, kept=fit.kept,
-                      params=fit.params, mse_before=fit.mse_before, mse_after=fit.mse_after, rows=fit.rows)
+                      params=fit.params, mse_before=fit.mse_before, mse_after=fit.mse_after, rows=fit.rows,
+                      precision=fit.precision, bytes=fit.bytes)
     return fit, rep
 
 
@@ -251,6 +323,10 @@ def compensation_summary(graph: Graph, result) -> dict:
     """Per-block R^2 and the parameter cost of each compensation, for the JSON report.
 
     ``branch_params``: what the exported QwT branches add (float, beside the INT8 graph).
+    ``branch_precision``: their arithmetic and storage type ("fp16" for TensorRT, "fp32" for
+    ONNX Runtime; "none" if no branch was kept), and ``branch_bytes`` the initializer bytes
+    they add to the file (2 or 4 per parameter): the size cost, next to INT8 layers at 1 byte
+    per weight.
     ``cwac_params``: CWAC's 2 numbers per output channel before folding; after the fold they
     live in the weight scales and biases the INT8 layers already have, so they add nothing
     to the deployed model (``extra_params_deployed`` counts only the branches).
@@ -259,11 +335,13 @@ def compensation_summary(graph: Graph, result) -> dict:
 
     base = model_parameters(graph)
     branch = sum(b.params for b in result.blocks)
+    precisions = sorted({b.precision for b in result.blocks if b.kept})
     cwac = sum(2 * len(f.alpha) for f in result.params.cwac.values())
     return dict(
         blocks=[asdict(b) for b in result.blocks],
         blocks_found=len(result.blocks), blocks_kept=sum(b.kept for b in result.blocks),
         model_params=base, branch_params=branch, cwac_params=cwac,
+        branch_precision=",".join(precisions) or "none", branch_bytes=sum(b.bytes for b in result.blocks),
         extra_params_deployed=branch, extra_params_deployed_pct=100.0 * branch / base if base else 0.0,
         compensation_params_pct=100.0 * (branch + cwac) / base if base else 0.0,
     )

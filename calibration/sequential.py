@@ -36,7 +36,7 @@ from qwt_deploy.quantize.placement import QuantPlan
 from qwt_deploy.quantize.simulate import QuantParams, apply_affine, channel_dim, deployed_weights, quantized_weights
 
 from .cwac import ChannelStats, fit_affine
-from .qwt_branch import BlockReport, fit_block_branch, uses_cwac
+from .qwt_branch import BlockReport, branch_precision, fit_block_branch, uses_cwac
 from qwt_deploy.graph.blocks import QWT_BRANCH
 from .observers import observe
 
@@ -120,6 +120,9 @@ def calibrate(
     for n in graph.nodes:
         if n.name in plan.weighted:
             params.weights[n.name] = quantize_weight(n.weight, s.w_bits, w_obs)
+    # embedding tables: INT8 per row regardless of --w-bits (storage, not compute; see QuantPlan.tables)
+    params.tables = {n.name: quantize_weight(n.weight, 8) for n in graph.nodes if n.name in plan.tables}
+    tables = {k: t.dequant() for k, t in params.tables.items()}
 
     quant: dict[str, list[torch.Tensor]] = {}  # what readers see
     ref: dict[str, list[torch.Tensor]] = {}  # pre-quantizer values (float-input reference)
@@ -193,7 +196,10 @@ def calibrate(
                 # QwT (v1): the block's Y is final (quantized if the target quantizes it for
                 # this reader); fit the branch against the FP block on the kept X_q, add it,
                 # and let settle() put Y' through its own quantizer (ort) before any reader.
-                fit, rep = fit_block_branch(graph, n, ins, s.qwt_ridge, s.qwt_group_channels)
+                # fit.apply computes in the target's branch precision (FP16 for trt), so later
+                # fits see the value the backend runs.
+                fit, rep = fit_block_branch(graph, n, ins, s.qwt_ridge, s.qwt_group_channels,
+                                            precision=branch_precision(plan.target))
                 params.branches[n.name] = fit
                 block_reports.append(rep)
                 ys = [fit.apply(x, y) for x, y in zip(ins[0], ins[1])]
@@ -202,7 +208,8 @@ def calibrate(
                         and plan.sees_quantized(y_v, n.name):
                     params.acts[n.output] = params.acts[y_v]  # no branch: no second quantizer either
             else:
-                ys = [spec.forward(n, list(xs), n.weight, n.bias) for xs in zip(*ins)]
+                w = tables.get(n.name, n.weight)
+                ys = [spec.forward(n, list(xs), w, n.bias) for xs in zip(*ins)]
             if n.activation is not None:
                 ys = [n.activation.apply(y) for y in ys]
             settle(n.output, ys)

@@ -11,17 +11,15 @@ longest sentence. Sentences are sorted by length before batching: less padding m
 ranges and the CWAC fit are dominated by real tokens, not by padding positions.
 
 A user's own text calibration set is an ``.npz`` with the named arrays ``input_ids`` and
-``attention_mask`` (N x S int64, right-padded); :func:`load_token_npz` validates it.
+``attention_mask`` (N x S int64, right-padded); ``calibration.inputs`` loads and validates it.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 import numpy as np
 
-from qwt_deploy.errors import QwtError
 
 EVAL_SENTENCES = 256  # held out for accuracy; never used for calibration
 _SPLIT_SEED = 12345  # fixed: the calibration/evaluation split never depends on --seed
@@ -68,37 +66,9 @@ def tokenize(tokenizer, sentences: list[str], max_length: int = 128) -> tuple[np
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def token_batches(input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int, sort: bool = True):
-    """List of (ids, mask) torch int64 batches, each trimmed to its longest sentence."""
-    import torch
+def token_batches(input_ids: np.ndarray, attention_mask: np.ndarray, batch_size: int):
+    """List of (ids, mask) torch int64 batches, longest sentences first, each trimmed to its
+    longest sentence (the batching every token model gets: calibration.inputs.InputSet)."""
+    from .inputs import InputSet
 
-    lengths = attention_mask.sum(1)
-    order = np.argsort(-lengths, kind="stable") if sort else np.arange(len(lengths))
-    out = []
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        s = max(int(lengths[idx].max()), 1)
-        out.append((torch.from_numpy(np.ascontiguousarray(input_ids[idx, :s])),
-                    torch.from_numpy(np.ascontiguousarray(attention_mask[idx, :s]))))
-    return out
-
-
-def load_token_npz(path: str, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-    """A user's text calibration set: ``.npz`` with named int arrays ``input_ids``, ``attention_mask``."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "input_ids" not in z or "attention_mask" not in z:
-                raise QwtError(f"{path} holds {', '.join(z.keys())}",
-                               "save token batches with numpy.savez(path, input_ids=..., attention_mask=...)")
-            ids, mask = z["input_ids"], z["attention_mask"]
-    except (OSError, ValueError) as e:
-        raise QwtError(f"{path} is not a readable .npz ({type(e).__name__})",
-                       "save token batches with numpy.savez(path, input_ids=..., attention_mask=...)") from None
-    if ids.shape != mask.shape or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) \
-            or not np.issubdtype(mask.dtype, np.integer):
-        raise QwtError(f"{path}: input_ids {ids.shape} {ids.dtype} / attention_mask {mask.shape} {mask.dtype}",
-                       "store two integer N x S arrays of the same shape")
-    if not np.isin(mask, (0, 1)).all() or (mask.sum(1) == 0).any():
-        raise QwtError(f"{path}: attention_mask must be 0/1 with at least one 1 per row", "re-tokenize the text")
-    n = len(ids) if limit is None else limit
-    return ids[:n].astype(np.int64), mask[:n].astype(np.int64)
+    return [b.torch() for b in InputSet(("input_ids", "attention_mask"), (input_ids, attention_mask)).batches(batch_size)]

@@ -1,9 +1,12 @@
-"""Rewrite each quantized Conv/Gemm of a TensorRT-layout graph into the arithmetic TensorRT's
+"""Rewrite each quantized Conv/Gemm/MatMul of a TensorRT-layout graph into the arithmetic TensorRT's
 INT8 kernel performs, so ONNX Runtime can check the graph against the simulation exactly.
 
 For checking only: the shipped graph is never rewritten. ``DQ(x) -> Conv(DQ(W), b)`` becomes
 
     Cast(Q(x) codes -> float) -> Conv(float INT8 codes of W) -> Mul(float32(s_x) * s_w[c]) -> Add(b)
+
+(a token linear, ``MatMul(DQ(x), DQ(W [in, out], axis 1))`` followed by its own bias Add, gets
+the same Cast -> MatMul -> Mul, and keeps its Add)
 
 which equals the original in exact arithmetic. Its float32 convolution of integer-valued
 tensors is exact in any accumulation order (partial sums below 2**24), so ONNX Runtime and
@@ -43,11 +46,11 @@ def _zero(dq: gs.Node) -> bool:
 
 
 def select_quantized_layer(layer: gs.Node) -> Optional[_Match]:
-    """Selector. Preconditions: Conv, or Gemm with transB=1 and alpha=beta=1; input 0 is
-    DequantizeLinear(QuantizeLinear output, scalar scale, zero point 0); input 1 is
-    DequantizeLinear(constant INT8 codes, per-channel scale on axis 0, zero point 0); the
-    bias, if any, is a constant float vector."""
-    if layer.op not in ("Conv", "Gemm") or len(layer.inputs) < 2:
+    """Selector. Preconditions: Conv, or Gemm with transB=1 and alpha=beta=1, or MatMul; input 0
+    is DequantizeLinear(QuantizeLinear output, scalar scale, zero point 0); input 1 is
+    DequantizeLinear(constant INT8 codes, per-channel scale on axis 0 -- axis 1 of a 2-D
+    [in, out] MatMul weight --, zero point 0); the bias, if any, is a constant float vector."""
+    if layer.op not in ("Conv", "Gemm", "MatMul") or len(layer.inputs) < 2:
         return None
     if layer.op == "Gemm" and (layer.attrs.get("transB", 0) != 1 or layer.attrs.get("transA", 0) != 0
                                or layer.attrs.get("alpha", 1.0) != 1.0 or layer.attrs.get("beta", 1.0) != 1.0):
@@ -59,7 +62,10 @@ def select_quantized_layer(layer: gs.Node) -> Optional[_Match]:
     xs, codes, ws = _const(xdq.inputs[1]), _const(wdq.inputs[0]), _const(wdq.inputs[1])
     if xs is None or xs.size != 1 or not _zero(xdq) or codes is None or codes.dtype != np.int8 or ws is None:
         return None
-    if not _zero(wdq) or ws.ndim != 1 or wdq.attrs.get("axis", 1) != 0 or ws.size != codes.shape[0]:
+    out_axis = 1 if layer.op == "MatMul" else 0
+    if layer.op == "MatMul" and codes.ndim != 2:
+        return None
+    if not _zero(wdq) or ws.ndim != 1 or wdq.attrs.get("axis", 1) != out_axis or ws.size != codes.shape[out_axis]:
         return None
     bias = None
     if len(layer.inputs) > 2:

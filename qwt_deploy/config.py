@@ -34,6 +34,9 @@ class ExportConfig:
     labels_file: Optional[str] = None  # class names, one per line, written into the ONNX metadata
     # op kinds that stay float (placement.DEFAULT_KEEP_FLOAT); e.g. add "add" for transformers
     keep_float: tuple[str, ...] = ("layer_norm", "softmax", "gelu")
+    # --target ort: zero-pad quantized Convs' input channels to a multiple of 4 so ONNX Runtime's
+    # fast MLAS INT8 conv kernel runs them (exact; graph_passes/pad_conv_input_channels.py)
+    pad_conv_channels: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)

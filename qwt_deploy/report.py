@@ -42,12 +42,14 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
     if c.get("blocks_found"):
         r2 = [b["r2"] for b in c["blocks"]]
         rows.append(("QwT block branches", f"{c['blocks_kept']}/{c['blocks_found']} kept (R^2 > 0; R^2 "
-                     f"{min(r2):.3f}..{max(r2):.3f}), +{c['branch_params']:,} float params "
-                     f"({c['extra_params_deployed_pct']:.2f}% of {c['model_params']:,})"))
+                     f"{min(r2):.3f}..{max(r2):.3f}), +{c['branch_params']:,} {c.get('branch_precision', 'float')} params "
+                     f"= {c.get('branch_bytes', 0) / 1e3:.1f} kB ({c['extra_params_deployed_pct']:.2f}% of "
+                     f"{c['model_params']:,})"))
     rows += [
         ("INT8 kernels in ORT", f"{cov['integer_ops']}/{cov['compute_ops']} compute ops ({', '.join(f'{k} {v}' for k, v in sorted(cov['by_type'].items()))})"
          if cov.get("applicable", True) else cov["note"]),
-        ("ORT vs PyTorch sim", f"top-1 agree {a['top1_agreement']:.3f}, within 1 step {a['within_1_step']:.4f}, max {a['max_steps']:.2f} steps"),
+        ("ORT vs PyTorch sim", f"top-1 agree {a['top1_agreement']:.3f}, within 1 step {a['within_1_step']:.4f}, "
+                               f"max {a['max_steps']:.2f} steps, cosine {a['cosine']:.5f}"),
         ("file size", f"{r['size_bytes']['int8'] / 1e6:.2f} MB (FP32 {r['size_bytes']['fp32'] / 1e6:.2f} MB)"),
     ]
     if lat:

@@ -111,6 +111,8 @@ def test_perturbed_onnx_fails_and_names_the_perturbed_layer(files, tmp_path):
     assert d is not None and d["node"] == "expand" and d["within_atol"] < 0.999
     layers = [l["value"] for l in r["layers"]]
     for rec in r["layers"][: layers.index(d["value"])]:  # everything before it still agrees
+        if rec["value"] == "x" and rec["tensors"]["ort-cpu[ort]"] is None:
+            continue  # the graph input: its ORT tensor is the 4-channel padded stem input (pad_conv_input_channels)
         assert rec["vs_fake_quant"][PAIR]["within_atol"] >= 0.999
 
 

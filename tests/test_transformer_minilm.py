@@ -4,8 +4,8 @@ Calibration: 64 sentences of Python's bundled pydoc topics; evaluation: 64 *othe
 Accuracy: cosine between the exported INT8 model's sentence embedding (ONNX Runtime) and the
 FP32 PyTorch embedding.
 
-Threshold, and why: measured here (W8A8, qwt2, float-input reference) the INT8 embeddings
-reach min cosine 0.974 / mean 0.990 on these 64 sentences, while onnxruntime's own
+Threshold, and why: measured here (W8A8, qwt2) the INT8 embeddings reach min cosine ~0.97 /
+mean ~0.99 on these 64 sentences, while onnxruntime's own
 ``quantize_dynamic`` (QInt8) of the same FP32 graph reaches min 0.915 / mean 0.962 (assets.md
 reports min 0.932 over 8 sentences). We assert min >= 0.95 and a mean above quantize_dynamic's
 (computed in the test): clearly better than the reference, with slack for other CPUs' kernels.
@@ -41,7 +41,7 @@ def test_minilm_int8_embeddings_close_to_fp32_on_held_out_sentences(tmp_path):
     with torch.no_grad():
         fp = model(torch.from_numpy(ei), torch.from_numpy(em)).numpy()
 
-    run = minilm.quantize(model, ci, cm, method="qwt2", reference="float-input")
+    run = minilm.quantize(model, ci, cm, method="qwt2")
     onnx.checker.check_model(run.folded, full_check=True)
     assert run.n_folded == 36  # 6 layers x (q, k, v, attention out, fc1, fc2)
     opt = str(tmp_path / "opt.onnx")
@@ -64,14 +64,16 @@ def test_minilm_int8_embeddings_close_to_fp32_on_held_out_sentences(tmp_path):
     assert cos.min() >= 0.95 and cos.mean() > dyn.mean(), (cos.min(), cos.mean(), dyn.min(), dyn.mean())
 
     # ONNX Runtime runs what the PyTorch simulation computes (one padded batch of 16 sentences).
-    # Not "within 1 step": float summation order differs between ORT's and PyTorch's matmuls by
-    # ~1e-6, which flips a rounding at some Q boundaries, and BERT's attention amplifies each flip
-    # (measured: ~85% of embedding elements within 1 step, cosine 0.9994). The bound asserts the
-    # two differ far less than INT8 differs from FP32 (cosine ~0.99).
+    # The simulation computes every MatMulIntegerToFloat (linears, attention) bit for bit
+    # (quantize/integer_kernels.py); LayerNorm and Softmax came out bit-identical too. ORT's
+    # GELU (its own erf) still differs from torch's by an ulp now and then, and a flip at the next
+    # quantizer compounds through the remaining layers (measured: 96% of embedding elements
+    # within 1 step, cosine 0.9998; 42% and 0.997 before the MatMul emulation). The bound
+    # asserts the two differ far less than INT8 differs from FP32 (1 - cosine ~ 0.01).
     ids, mask = torch.from_numpy(ei[:16]), torch.from_numpy(em[:16])
     width = int(mask.sum(1).max())
     ids, mask = ids[:, :width], mask[:, :width]
     ref = SimulatedModel(run.graph, run.plan, run.result.params)((ids, mask)).numpy()
     ort_out = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
     agr = compare(ref, ort_out)
-    assert agr.cosine >= 0.998 and agr.mean_steps <= 1.0, agr
+    assert agr.cosine >= 0.999 and agr.mean_steps <= 0.5, agr

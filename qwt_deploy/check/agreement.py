@@ -48,3 +48,29 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
         return z - np.log(np.exp(z).sum(1, keepdims=True))
     lp, lq = log_softmax(p_logits.astype(np.float64)), log_softmax(q_logits.astype(np.float64))
     return float(np.mean(np.sum(np.exp(lp) * (lp - lq), 1)))
+
+
+def row_cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Cosine of each sample's output (row) to the reference's, in float64."""
+    a = reference.reshape(len(reference), -1).astype(np.float64)
+    b = other.reshape(len(other), -1).astype(np.float64)
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+
+
+OUTPUT_KINDS = ("auto", "classes", "embedding")
+
+
+def output_kind(reference: np.ndarray, requested: str = "auto") -> str:
+    """``classes`` (rows of class scores: top-1 agreement means something), ``embedding``
+    (rows of a vector space: only distances and angles mean something, so cosine is the
+    measure and argmax is noise) or ``tensor`` (anything else: element figures only).
+
+    ``auto`` calls a 2-D output with unit-L2-norm rows an embedding (sentence-transformers and
+    CLIP-style models normalise inside the graph); class scores never have that property.
+    Unnormalised embeddings need ``requested='embedding'`` (``--output-kind``)."""
+    if requested != "auto":
+        return requested
+    if reference.ndim != 2 or reference.shape[1] < 2:
+        return "tensor"
+    norms = np.linalg.norm(reference.astype(np.float64), axis=1)
+    return "embedding" if np.all(np.abs(norms - 1.0) < 1e-3) else "classes"

@@ -25,33 +25,58 @@ from polygraphy.common import TensorMetadata
 SIM_PREFIX = "ir:"  # the simulation runner names its outputs after IR values
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input as every runner is fed it: ONNX name, numpy dtype, shape with ``None``
+    for dynamic axes (batch, sequence). Polygraphy checks each feed against this before
+    running, so a wrong dtype or axis fails loudly instead of being silently cast."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+
+def input_specs(graph, onnx_names: list[str]) -> list[InputSpec]:
+    """The specs of ``graph``'s inputs under their ONNX names (same order as ``graph.inputs``)."""
+    import torch
+
+    out = []
+    for v, name in zip(graph.inputs, onnx_names):
+        dtype = np.dtype(str(graph.input_dtypes.get(v, torch.float32)).replace("torch.", ""))
+        out.append(InputSpec(name, dtype, tuple(d if isinstance(d, int) else None for d in graph.dims(v))))
+    return out
+
+
 class SimulationRunner(BaseRunner):
     """Runs ``SimulatedModel`` (FP32 when it has no params, else fake-quant) on CPU.
 
+    ``inputs``: one :class:`InputSpec` per graph input, in graph-input order; the simulation
+    gets one tensor (single input) or a tuple (token ids + attention mask), as it takes them.
     Outputs: the graph outputs under their ONNX names, and with ``intermediates=True`` every
     IR value as ``ir:<value>`` (what the next reader sees, i.e. after its quantizer).
     """
 
-    def __init__(self, sim, input_name: str, input_shape: tuple, output_names: dict[str, str],
+    def __init__(self, sim, inputs: list[InputSpec], output_names: dict[str, str],
                  intermediates: bool = True, name: Optional[str] = None):
         super().__init__(name=name, prefix="qwt-sim-runner")
-        self.sim, self.input_name, self.input_shape = sim, input_name, tuple(input_shape)
+        self.sim, self.inputs = sim, list(inputs)
         self.output_names = output_names  # IR value -> ONNX output name
         self.intermediates = intermediates
 
     def get_input_metadata_impl(self):
         meta = TensorMetadata()
-        meta.add(self.input_name, dtype=np.float32, shape=(None,) + self.input_shape)
+        for spec in self.inputs:
+            meta.add(spec.name, dtype=spec.dtype, shape=spec.shape)
         return meta
 
     def infer_impl(self, feed_dict):
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(feed_dict[self.input_name]))
+        xs = tuple(torch.from_numpy(np.ascontiguousarray(feed_dict[s.name])) for s in self.inputs)
         values = {} if self.intermediates else None
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = self.sim(x, intermediates=values)
+            out = self.sim(xs[0] if len(xs) == 1 else xs, intermediates=values)
         self.inference_time = time.perf_counter() - t0
         outs = out if isinstance(out, tuple) else (out,)
         result = OrderedDict()
@@ -100,7 +125,44 @@ def mark_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
 
     keep = [o.name for o in model.graph.output]
     extra = [t for t in dict.fromkeys(tensors) if t not in keep]
-    return ModifyOutputs(model, outputs=keep + extra)()
+    return ModifyOutputs(model, outputs=keep + extra, copy=True)()  # the caller's model stays as it was
+
+
+_DATA_MOVEMENT = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
+
+
+def fusion_neutral(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
+    """The ``tensors`` that can become graph outputs without changing ONNX Runtime's QDQ fusion.
+
+    Left out: the float output of a node unit that reads DequantizeLinear inputs (MatMul,
+    Conv, ...) when it reaches a QuantizeLinear only through data-movement ops (Transpose,
+    Reshape, ...). ORT moves that Q up to the node and fuses DQ->MatMul->Q into one integer
+    kernel (QLinearMatMul, requantizing in fixed point); a graph output in the chain forces the
+    float tensor to exist, so ORT would run MatMulIntegerToFloat + a float Q instead -- a
+    different kernel, no longer the file being checked. (Attention's P.V -> transpose ->
+    reshape -> Q in a transformer.) The same value is still compared through the
+    DequantizeLinear after that Q, which is marked."""
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def reaches_quantize(t: str) -> bool:
+        for n in readers.get(t, []):
+            if n.op_type == "QuantizeLinear" or (n.op_type in _DATA_MOVEMENT and reaches_quantize(n.output[0])):
+                return True
+        return False
+
+    def from_qdq_unit(t: str) -> bool:
+        n = producer.get(t)
+        while n is not None and n.op_type in _DATA_MOVEMENT:
+            n = producer.get(n.input[0])
+        return n is not None and n.op_type != "DequantizeLinear" and any(
+            producer.get(i) is not None and producer[i].op_type == "DequantizeLinear" for i in n.input)
+
+    return [t for t in tensors if not (from_qdq_unit(t) and reaches_quantize(t))]
 
 
 def trt_unavailable_reason() -> Optional[str]:
@@ -119,15 +181,41 @@ def trt_unavailable_reason() -> Optional[str]:
     return None
 
 
-def trt_runner(model_bytes: bytes, name: str):
-    """A Polygraphy TrtRunner over an engine built from the QDQ ONNX (strongly typed)."""
-    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxBytes, TrtRunner
+def profile_shapes(specs: list[InputSpec], x, batch_size: int) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """TensorRT optimization profile (min, opt, max) per input with a dynamic axis, covering
+    every batch the check feeds: batch 1..batch_size, each other dynamic axis from its shortest
+    to its longest batch (token batches are trimmed to their longest sentence). Without a
+    profile TensorRT refuses to build an engine for a network with dynamic inputs."""
+    batches = x.batches(batch_size)
+    out = {}
+    for k, spec in enumerate(specs):
+        if all(d is not None for d in spec.shape):
+            continue
+        shapes = [b.arrays[k].shape for b in batches]
+        lo = tuple(1 if i == 0 else min(s[i] for s in shapes) for i in range(len(spec.shape)))
+        hi = tuple(max(s[i] for s in shapes) for i in range(len(spec.shape)))
+        fixed = lambda t: tuple(d if d is not None else v for d, v in zip(spec.shape, t))  # noqa: E731
+        out[spec.name] = (fixed(lo), fixed(hi), fixed(hi))
+    return out
+
+
+def trt_runner(model_bytes: bytes, name: str, specs: Optional[list[InputSpec]] = None, x=None, batch_size: int = 8):
+    """A Polygraphy TrtRunner over an engine built from the QDQ ONNX (strongly typed), with an
+    optimization profile for the dynamic axes of ``specs`` sized to the check inputs ``x``."""
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxBytes, Profile, TrtRunner
 
     try:
         network = NetworkFromOnnxBytes(model_bytes, strongly_typed=True)
     except TypeError:  # older Polygraphy without the strongly_typed argument
         network = NetworkFromOnnxBytes(model_bytes)
-    return TrtRunner(EngineFromNetwork(network), name=name)
+    config = None
+    shapes = profile_shapes(specs, x, batch_size) if specs and x is not None else {}
+    if shapes:
+        profile = Profile()
+        for input_name, (lo, opt, hi) in shapes.items():
+            profile.add(input_name, min=lo, opt=opt, max=hi)
+        config = CreateConfig(profiles=[profile])
+    return TrtRunner(EngineFromNetwork(network, config=config), name=name)
 
 
 def ort_gpu_providers() -> dict[str, Optional[str]]:

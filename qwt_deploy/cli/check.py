@@ -18,7 +18,10 @@ set of real held-out inputs through every backend and say whether they agree:
   trt layout: float simulation) | ONNX Runtime CUDA / TensorRT EP and a TensorRT engine, where present
 
 Errors are measured in output quantization steps, not fixed float tolerances: backends
-legitimately differ by rounding flips of about one step. Per layer it reports the SQNR of each
+legitimately differ by rounding flips of about one step. Models with several inputs (token ids
++ attention mask) work the same way; an output of unit-norm rows (a sentence embedding) is
+gated on its mean row cosine instead, and top-1 is not reported for it (argmax of an embedding
+means nothing). Per layer it reports the SQNR of each
 quantized path against FP32 and the first layer where a backend parts from its PyTorch
 fake-quant, so a mismatch is traced to where it starts.
 
@@ -36,6 +39,13 @@ examples:
   # check a file you already exported (same flags as the export), e.g. after editing it
   qwt-check model.pt2 --calib-data calib.npy --inputs heldout.npy --onnx ort=model.int8.onnx
 
+  # a transformer with token inputs: all-MiniLM-L6-v2 on its held-out sentences
+  qwt-check --example minilm --targets ort,trt
+
+  # your token model: .npz files with one array per input, named as the inputs
+  #   numpy.savez("tokens.npz", input_ids=ids, attention_mask=mask)  (int64, N x seq, right-padded)
+  qwt-check bert.pt2 --calib-data tokens.npz --inputs heldout_tokens.npz
+
   # lint any QDQ ONNX file (made by any tool) against TensorRT's explicit-quantization rules
   qwt-check --lint trt model.onnx
 
@@ -43,6 +53,7 @@ Writes REPORT_DIR/check.json (every figure), REPORT_DIR/check.txt (the table) an
 REPORT_DIR/sqnr.png (per-layer SQNR of each backend against FP32).
 """
 
+DEFAULT_MIN_COSINE = 0.995  # = CheckConfig.min_cosine (why: see there)
 _HIDDEN = ("output", "target", "no_latency", "keep_unfolded", "labels")  # qwt-export flags that mean nothing here
 
 
@@ -60,15 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "sqnr.png (default ./qwt-check-report)")
     c = p.add_argument_group("check")
     c.add_argument("--targets", default="ort", help="comma-separated backend layouts to check: ort, trt (default ort)")
-    c.add_argument("--inputs", help="held-out inputs: 'bundled' (real photos the calibration never saw; default for "
-                   "--example), a preprocessed .npy/.npz (N,C,H,W) or an image folder (same preprocessing flags)")
+    c.add_argument("--inputs", help="held-out inputs: 'bundled' (the example's own held-out data the calibration never "
+                   "saw: photos, test images, sentences; default for --example), a preprocessed .npy/.npz (N,C,H,W), "
+                   "an image folder (same preprocessing flags), or for a model with several inputs an .npz with one "
+                   "array per input named as the inputs")
     c.add_argument("--num-inputs", type=int, default=128, help="inputs to run (default 128)")
     c.add_argument("--check-batch", type=int, default=8, help="inputs per batch (default 8; intermediates of every "
                    "layer are held for one batch)")
-    c.add_argument("--atol-steps", type=float, default=1.0, help="an element agrees when it is within this many "
+    c.add_argument("--atol-steps", type=float, default=None, help="an element agrees when it is within this many "
                    "output quantization steps of the backend's PyTorch fake-quant (default 1)")
-    c.add_argument("--min-agreement", type=float, default=0.999, help="fraction of elements that must agree, per "
-                   "output and backend; also the per-layer divergence threshold (default 0.999)")
+    c.add_argument("--min-agreement", type=float, default=None, help="fraction of elements that must agree, per "
+                   "output and backend; also the per-layer divergence threshold (default 0.999). Embedding outputs "
+                   "are gated on --min-cosine only, unless --atol-steps or --min-agreement is given")
+    c.add_argument("--min-cosine", type=float, default=DEFAULT_MIN_COSINE, help="embedding outputs: mean cosine "
+                   f"of the rows to the backend's PyTorch fake-quant (default {DEFAULT_MIN_COSINE:g})")
+    c.add_argument("--large-error-steps", type=float, default=2.0, help="also name the first layer whose mean error "
+                   "vs fake-quant reaches this many steps: where a broken layer starts even when float-kernel rounding "
+                   "flips make every later layer diverge a little (default 2)")
+    c.add_argument("--output-kind", default="auto", choices=("auto", "classes", "embedding"), help="what the output "
+                   "rows are: class scores (top-1 reported) or embeddings (cosine gate); auto: unit-norm rows are "
+                   "embeddings (default)")
     c.add_argument("--onnx", action="append", default=[], metavar="TARGET=FILE",
                    help="check this already exported file for TARGET instead of re-exporting (repeatable)")
     c.add_argument("--no-layers", action="store_true", help="compare outputs only (no per-layer SQNR/divergence)")
@@ -111,11 +133,13 @@ def _fmt(v, spec=".3f") -> str:
 
 def output_table(r: dict) -> str:
     rows = [("path", "vs", "output", "max steps", "mean steps", f"within {r['settings']['atol_steps']:g}",
-             "cosine", "top-1 agree", "gate")]
+             "cosine", "min cosine", "top-1 agree", "gate")]
     for c in r["outputs"]:
         gate = "" if c["passed"] is None else ("PASS" if c["passed"] else "FAIL")
+        top1 = _fmt(c["top1_agreement"], ".4f") if c.get("kind", "classes") == "classes" else f"n/a ({c['kind']})"
         rows.append((c["path"], c["reference"], c["output"], _fmt(c["max_steps"], ".2f"), _fmt(c["mean_steps"], ".4f"),
-                     _fmt(c["within_atol"], ".5f"), _fmt(c["cosine"], ".6f"), _fmt(c["top1_agreement"], ".4f"), gate))
+                     _fmt(c["within_atol"], ".5f"), _fmt(c["cosine"], ".6f"), _fmt(c.get("min_cosine"), ".6f"), top1,
+                     gate))
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     line = "-" * (sum(w) + 3 * (len(w) - 1))
     out = [" | ".join(s.ljust(w[i]) for i, s in enumerate(rows[0])), line]
@@ -151,6 +175,15 @@ def layer_summary(r: dict, show_all: bool = False) -> str:
         else:
             out.append(f"  {key}: FIRST DIVERGES at {d['node'] or d['value']} ({d['op']}, value {d['value']}, "
                        f"tensor {d['tensor']}): {d['within_atol']:.4%} within tolerance, max {d['max_steps']:.1f} steps")
+        big = r.get("first_large_error", {}).get(key, "absent")
+        if big == "absent" or (d is None and big is None):
+            continue
+        limit = r["settings"].get("large_error_steps")
+        out.append(f"  {key}: " + (f"no layer reaches a mean error of {limit:g} steps (what diverges above "
+                                    "are scattered small flips; no layer jumps)" if big is None else
+                                    f"first layer with mean error >= {limit:g} steps: {big['node'] or big['value']} "
+                                    f"({big['op']}, value {big['value']}): mean {big['mean_steps']:.2f} steps, "
+                                    f"{big['within_atol']:.4%} within tolerance"))
     return "\n".join(out)
 
 
@@ -172,8 +205,26 @@ def render(r: dict, show_layers: bool = False) -> str:
     for t, m in r["marking_check"].items():
         out.append(f"  marked intermediates on ort-cpu[{t}]: integer kernels {m['marked']['integer_ops']}/"
                    f"{m['marked']['compute_ops']} (unmarked {m['unmarked']['integer_ops']}/{m['unmarked']['compute_ops']}), "
-                   f"final output changed by {m['final_output_max_diff_steps']:.2f} steps")
-    out += ["", output_table(r), "", layer_summary(r, show_layers), ""]
+                   f"final output changed by {m['final_output_max_diff_steps']:.2f} steps"
+                   + ("" if m.get("same_integer_kernels", True) else " -- INTEGER KERNELS DIFFER")
+                   + "".join(f"; {k} {a}->{b}" for k, (a, b) in m.get("float_ops_changed", {}).items()))
+    out += ["", output_table(r), ""]
+    s = r["settings"]
+    for oname, kind in r.get("output_kinds", {}).items():
+        gates = []
+        if kind != "embedding" or s["step_gate_embeddings"]:
+            gates.append(f">= {s['min_agreement']:g} of elements within {s['atol_steps']:g} step(s)")
+        if kind == "embedding":
+            gates.append(f"mean row cosine >= {s['min_cosine']:g}")
+        out.append(f"gate on {oname} ({kind}): backend vs its PyTorch fake-quant, " + " and ".join(gates))
+        if kind == "embedding":
+            for c in r["outputs"]:
+                if c["output"] == oname:
+                    out.append(f"  embedding cosine {c['path']} vs {c['reference']}: mean {c['cosine']:.6f}, "
+                               f"lowest row {c['min_cosine']:.6f}")
+    for note in r.get("notes", []):
+        out.append("note: " + note)
+    out += ["", layer_summary(r, show_layers), ""]
     out.append(f"wall time {r['timing_s']['total']:.1f} s "
                f"(quantize+export {r['timing_s']['quantize_export']:.1f} s, run+compare {r['timing_s']['run_compare']:.1f} s)")
     out.append("RESULT: " + ("PASS" if r["passed"] else "FAIL\n  " + "\n  ".join(r["failures"])))
@@ -193,21 +244,27 @@ def config_from_args(a):
     inputs = a.inputs or ("bundled" if a.example else None)
     if not inputs:
         raise QwtError("no held-out inputs given", "pass --inputs heldout.npy (preprocessed like the calibration "
-                       "data, never used for calibration) or an image folder")
+                       "data, never used for calibration), an image folder, or for token models an .npz with one "
+                       "array per input")
     onnx_files = {}
     for spec in a.onnx:
         t, sep, path = spec.partition("=")
         if not sep or not path:
             raise QwtError(f"--onnx {spec} is not TARGET=FILE", "write e.g. --onnx ort=model.int8.onnx")
         onnx_files[t.strip()] = path
-    for name in ("atol_steps", "min_agreement"):
+    step_gate_embeddings = a.atol_steps is not None or a.min_agreement is not None  # asked for: gate them too
+    a.atol_steps = 1.0 if a.atol_steps is None else a.atol_steps
+    a.min_agreement = 0.999 if a.min_agreement is None else a.min_agreement
+    for name in ("atol_steps", "min_agreement", "min_cosine", "large_error_steps"):
         v = getattr(a, name)
         if not math.isfinite(v) or v < 0:
             raise QwtError(f"--{name.replace('_', '-')} {v} is not a non-negative number", "use e.g. 1 and 0.999")
     if a.check_batch < 1:
         raise QwtError("--check-batch must be at least 1", "use 8")
     return CheckConfig(export=ecfg, targets=targets, inputs=inputs, num_inputs=a.num_inputs, batch_size=a.check_batch,
-                       atol_steps=a.atol_steps, min_agreement=a.min_agreement, onnx_files=onnx_files,
+                       atol_steps=a.atol_steps, min_agreement=a.min_agreement, min_cosine=a.min_cosine,
+                       step_gate_embeddings=step_gate_embeddings, output_kind=a.output_kind, onnx_files=onnx_files,
+                       large_error_steps=a.large_error_steps,
                        layerwise=not a.no_layers, gpu=not a.no_gpu)
 
 

@@ -12,6 +12,7 @@ from ..errors import QwtError
 from ..examples import EXAMPLES  # the typed registry of built-in examples (name -> Example)
 
 DEFAULT_INPUT_SHAPE = "3,224,224"
+DEFAULT_KEEP_FLOAT = "layer_norm,softmax,gelu"
 
 DESCRIPTION = """\
 Quantize a trained PyTorch model to INT8 (per-channel weights, per-tensor activations),
@@ -34,6 +35,14 @@ examples:
   # calibrated on 512 training images, checked on test images
   qwt-export --example fashion-cnn -o fashion-cnn.int8.onnx
   qwt-export --example fashion-vit -o fashion-vit.int8.onnx
+
+  # a transformer with token inputs: all-MiniLM-L6-v2 (pip install 'qwt-deploy[text]'),
+  # calibrated on pydoc sentences; ONNX with dynamic batch and sequence axes
+  qwt-export --example minilm -o minilm.int8.onnx
+
+  # your token model: a torch.export program with dynamic axes, and token batches
+  # saved with numpy.savez('tokens.npz', input_ids=ids, attention_mask=mask)
+  qwt-export bert.pt2 --calib-data tokens.npz -o bert.int8.onnx
 
   # your model, your preprocessed calibration array (N x C x H x W float32)
   qwt-export model.pt2 --calib-data calib.npy --target ort -o model.int8.onnx
@@ -75,12 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output ONNX path (default: <model>.int8.onnx)")
     src = p.add_argument_group("model source")
     src.add_argument("--example", choices=sorted(EXAMPLES), help="use a built-in example model and its bundled real data "
-                     "(efficientnet-lite0: photos from the demo extra; fashion-*: Fashion-MNIST)")
+                     "(efficientnet-lite0: photos from the demo extra; fashion-*: Fashion-MNIST; minilm: "
+                     "pydoc sentences, needs the text extra)")
     src.add_argument("--model-factory", metavar="PKG.MOD:FN", help="callable that builds the nn.Module")
     src.add_argument("--trust-pickle", action="store_true", help="allow loading a pickled nn.Module (runs code from the file)")
     src.add_argument("--input-shape", default=DEFAULT_INPUT_SHAPE, help="C,H,W used to trace an nn.Module (default 3,224,224)")
     cal = p.add_argument_group("calibration data")
-    cal.add_argument("--calib-data", help="preprocessed .npy/.npz (N,C,H,W), an image folder, 'bundled' (real photos "
+    cal.add_argument("--calib-data", help="preprocessed .npy/.npz (N,C,H,W); for a model with several inputs "
+                     "(token ids + attention mask) an .npz with one array per input, named as the inputs; an image "
+                     "folder, 'bundled' (real photos "
                      "from the demo extra), example:NAME (a built-in example's data, e.g. example:fashion-cnn = 512 Fashion-MNIST "
                      "training images), or 'synthetic' (noise: accuracy figures then mean nothing)")
     cal.add_argument("--num-calib", type=int, default=512, help="calibration samples (default 512, as in the QwT papers)")
@@ -102,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "qwt,qwt2 = both")
     q.add_argument("--w-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}", help="weight bits (default 8)")
     q.add_argument("--a-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}", help="activation bits (default 8)")
-    q.add_argument("--keep-float", default="layer_norm,softmax,gelu", metavar="OPS",
+    q.add_argument("--keep-float", default=DEFAULT_KEEP_FLOAT, metavar="OPS",
                    help="comma-separated op kinds left in float (default layer_norm,softmax,gelu: no integer "
                         "kernel, or the attention mask in softmax's input); add 'add' to keep residual adds "
-                        "float (transformers' outlier channels); remove one to quantize it")
+                        "float (transformers' outlier channels; the minilm example's default); remove one to "
+                        "quantize it")
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="auto", help="activation range observer; "
                    "auto (default) = minmax for --target ort, mse for --target trt (symmetric INT8 wastes half "
                    "its grid on ReLU outputs, so clipping outliers pays there)")
@@ -132,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--threads", type=int, default=2, help="CPU threads for calibration and ONNX Runtime (default 2)")
     o.add_argument("--no-latency", action="store_true", help="skip the FP32 vs INT8 latency measurement")
     o.add_argument("--keep-unfolded", action="store_true", help="also write the graph with explicit CWAC Mul/Add nodes")
+    o.add_argument("--no-pad-conv-channels", action="store_true",
+                   help="--target ort: do not zero-pad quantized Convs' input channels to a multiple of 4. The pad "
+                        "exists because ONNX Runtime's fast INT8 conv kernel (MLAS) needs channels %% 4 == 0 and a "
+                        "3-channel image stem otherwise falls back to a slower path; it is exact (same logits), so "
+                        "use this only to compare or to keep the graph exactly as the IR")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -160,8 +178,10 @@ def config_from_args(a) -> "ExportConfig":
         ex = EXAMPLES[a.example]
         factory = ex.factory
         calib = calib or ex.calib_source
-        if a.input_shape == DEFAULT_INPUT_SHAPE:
+        if a.input_shape == DEFAULT_INPUT_SHAPE and ex.input_shape:
             a.input_shape = ",".join(str(d) for d in ex.input_shape)
+        if a.keep_float == DEFAULT_KEEP_FLOAT and ex.keep_float is not None:
+            a.keep_float = ",".join(ex.keep_float)
         if ex.preprocess and calib == ex.calib_source:
             a.resize, a.crop, a.mean, a.std = (ex.preprocess[k] for k in ("resize", "crop", "mean", "std"))
         if not labels and ex.labels_file and a.example != "efficientnet-lite0":
@@ -202,7 +222,7 @@ def config_from_args(a) -> "ExportConfig":
                                   ridge=a.ridge, reference=a.cwac_reference, qwt_ridge=a.qwt_ridge,
                                   qwt_group_channels=a.qwt_group_channels, qwt_blocks=a.qwt_blocks),
         measure_latency=not a.no_latency, keep_unfolded=a.keep_unfolded, example_shape=shape, labels_file=labels,
-        keep_float=_keep_float(a.keep_float))
+        keep_float=_keep_float(a.keep_float), pad_conv_channels=not a.no_pad_conv_channels)
 
 
 def main(argv=None) -> int:

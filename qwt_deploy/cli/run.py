@@ -14,7 +14,8 @@ import sys
 DESCRIPTION = """\
 Run an INT8 ONNX model written by qwt-export on one input and print the top-k classes (or
 write the raw outputs). Images are preprocessed exactly as at calibration, from the model's
-metadata (resize, crop, mean/std); .npy arrays are taken as already preprocessed (C,H,W or
+metadata (resize, crop, mean/std; converted to grey for a 1-channel model such as fashion-cnn,
+to RGB for a 3-channel one); .npy arrays are taken as already preprocessed (C,H,W or
 N,C,H,W). PyTorch is not needed.
 """
 
@@ -22,6 +23,7 @@ EPILOG = """\
 examples:
   qwt-run lite0.int8.onnx --input cat.jpg                 # top-5 with ImageNet names
   qwt-run lite0.int8.onnx --input cat.jpg --top-k 1
+  qwt-run fashion-cnn.int8.onnx --input shoe.png           # 28x28 grey, Fashion-MNIST class names
   qwt-run model.int8.onnx --input batch.npy --output logits.npy
 
 Exit code 2 on bad input (missing file, wrong shape or dtype, undecodable image).

@@ -4,7 +4,10 @@
 
 - ``qwt_deploy.preprocess``: JSON ``{"resize", "crop", "mean", "std", "layout", "color",
   "value_range", "interpolation", "from_images"}``: exactly the image preprocessing the model was
-  calibrated with, so the server needs no extra configuration;
+  calibrated with, so the server needs no extra configuration. ``color`` is the Pillow mode the
+  image is converted to, taken from the model's input channels: ``"RGB"`` (C=3, three mean/std
+  values) or ``"L"`` (C=1, grey, one value). A missing ``color`` means RGB (models exported before
+  the key existed);
 - ``qwt_deploy.input_shape``: JSON ``[C, H, W]`` (no batch axis);
 - ``qwt_deploy.labels``: JSON list of class names (only when labels were given).
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import ast
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from ..errors import QwtError
@@ -26,38 +29,67 @@ KEY_PREPROCESS = "qwt_deploy.preprocess"
 KEY_INPUT_SHAPE = "qwt_deploy.input_shape"
 KEY_LABELS = "qwt_deploy.labels"
 
+# Pillow mode per input channel count: the image is converted to it before normalising.
+COLOR_BY_CHANNELS = {1: "L", 3: "RGB"}
+CHANNELS_BY_COLOR = {v: k for k, v in COLOR_BY_CHANNELS.items()}
+
 BUNDLED_IMAGENET_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet1k_labels.txt")
 _ARRAY_SUFFIXES = (".npy", ".npz")
 
 
 @dataclass(frozen=True)
 class ImagePreprocess:
-    """Resize the short side (bicubic), center-crop, ``(pixel - mean) / std`` on 0..255 RGB, NCHW.
+    """Convert to ``color``, resize the short side (bicubic), center-crop, ``(pixel - mean) / std``
+    per channel on 0..255 values, NCHW.
 
     The same steps as ``calibration.preprocess.Preprocess.center``; a test checks the two agree.
+    ``color`` is "RGB" (3 channels) or "L" (1 grey channel, e.g. Fashion-MNIST), one mean/std per channel.
     """
 
     resize: int
     crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     from_images: bool = True  # False: calibrated on preprocessed arrays, so these values are defaults
+    color: str = "RGB"
+
+    @property
+    def channels(self) -> int:
+        return CHANNELS_BY_COLOR[self.color]
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImagePreprocess":
         try:
-            layout, color = d.get("layout", "NCHW RGB"), d.get("color", "RGB")
-            if "NCHW" not in layout or "RGB" not in f"{color} {layout}":
-                raise ValueError(f"layout {layout!r} is not NCHW RGB")
+            layout, color = d.get("layout", "NCHW RGB"), d.get("color", "RGB")  # no color key: older export, RGB
+            if "NCHW" not in layout or color not in CHANNELS_BY_COLOR:
+                raise ValueError(f"layout {layout!r} color {color!r} is not NCHW {' or '.join(CHANNELS_BY_COLOR)}")
             pre = cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(float(v) for v in d["mean"]),
-                      std=tuple(float(v) for v in d["std"]), from_images=bool(d.get("from_images", True)))
+                      std=tuple(float(v) for v in d["std"]), from_images=bool(d.get("from_images", True)), color=color)
         except (KeyError, TypeError, ValueError) as e:
             raise QwtError(f"the model's {KEY_PREPROCESS} metadata is unusable ({e})",
                            "re-export the model with a current qwt-export") from None
-        if len(pre.mean) != 3 or len(pre.std) != 3 or min(pre.std) <= 0 or pre.crop < 1 or pre.resize < pre.crop:
+        if (len(pre.mean) != pre.channels or len(pre.std) != pre.channels or min(pre.std) <= 0 or pre.crop < 1
+                or pre.resize < pre.crop):
             raise QwtError(f"the model's {KEY_PREPROCESS} metadata is inconsistent ({d})",
                            "re-export the model with a current qwt-export")
         return pre
+
+    def for_input_shape(self, shape: Sequence[int]) -> Optional["ImagePreprocess"]:
+        """This preprocessing for a model whose sample shape is ``shape`` (C, H, W), or None when the
+        model is not a square image model of 1 or 3 channels (it then takes tensors only).
+
+        The channel count comes from the model's input, not from the metadata's colour: exports
+        from before the ``color`` key wrote "RGB" and three equal mean/std values for grey
+        (C=1) models too, and those values are exactly the single grey value.
+        """
+        shape = tuple(int(v) for v in shape)
+        if len(shape) != 3 or shape[1:] != (self.crop, self.crop) or shape[0] not in COLOR_BY_CHANNELS:
+            return None
+        if shape[0] == self.channels:
+            return self
+        if shape[0] == 1 and len(set(self.mean)) == 1 and len(set(self.std)) == 1:
+            return replace(self, mean=self.mean[:1], std=self.std[:1], color="L")
+        return None  # the metadata's channels contradict the model: tensors only, never a wrong image
 
 
 @dataclass(frozen=True)
@@ -80,11 +112,32 @@ def read_labels_file(path: str) -> list[str]:
     return labels
 
 
+def _per_channel(values, channels: int, what: str) -> list[float]:
+    """``values`` as ``channels`` numbers; a grey model takes one, and three equal values (the CLI
+    repeats a single --mean/--std value for R, G, B) are that one value."""
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return values
+    if len(set(values)) == 1:
+        return values[:1] * channels
+    raise QwtError(f"the model takes {channels}-channel images but the {what} has {len(values)} different values "
+                   f"({', '.join(f'{v:g}' for v in values)})",
+                   f"pass one value per input channel, e.g. --{what} {values[0]:g}")
+
+
 def export_metadata(preprocess: dict, input_shape: Sequence[int], calib_data: Optional[str],
                     labels_file: Optional[str] = None) -> dict[str, str]:
-    """The edge keys of the ONNX metadata, as qwt-export writes them (deterministic JSON)."""
+    """The edge keys of the ONNX metadata, as qwt-export writes them (deterministic JSON).
+
+    The colour and the number of mean/std values follow the model's input channels (C=1: grey
+    "L", one value; otherwise RGB), so that the edge runtime converts an image exactly the way the
+    model's training and calibration images were made."""
     from_images = bool(calib_data) and calib_data != "synthetic" and not str(calib_data).lower().endswith(_ARRAY_SUFFIXES)
-    pre = dict(preprocess, color="RGB", value_range=[0, 255], interpolation="bicubic", from_images=from_images)
+    channels = int(input_shape[0]) if len(input_shape) == 3 and int(input_shape[0]) in COLOR_BY_CHANNELS else 3
+    color = COLOR_BY_CHANNELS[channels]
+    pre = dict(preprocess, mean=_per_channel(preprocess["mean"], channels, "mean"),
+               std=_per_channel(preprocess["std"], channels, "std"), layout=f"NCHW {color}", color=color,
+               value_range=[0, 255], interpolation="bicubic", from_images=from_images)
     meta = {KEY_PREPROCESS: json.dumps(pre, sort_keys=True),
             KEY_INPUT_SHAPE: json.dumps([int(v) for v in input_shape])}
     if labels_file:
@@ -109,6 +162,6 @@ def parse_metadata(props: dict[str, str]) -> ModelMetadata:
     except (ValueError, SyntaxError, TypeError) as e:
         raise QwtError(f"the model's qwt_deploy metadata is malformed ({type(e).__name__}: {e})",
                        "re-export the model with a current qwt-export") from None
-    if pre is not None and shape is not None and (len(shape) != 3 or shape[0] != 3 or shape[1:] != (pre.crop, pre.crop)):
-        pre = None  # not a 3-channel square image model: tensors only
+    if pre is not None and shape is not None:
+        pre = pre.for_input_shape(shape)  # None: not a square 1- or 3-channel image model: tensors only
     return ModelMetadata(input_shape=shape, preprocess=pre, labels=labels)

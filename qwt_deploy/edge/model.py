@@ -8,7 +8,7 @@ an ONNX Runtime exception (a 500).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -91,6 +91,8 @@ class EdgeModel:
         else:
             raise QwtError(f"model {path} has dynamic non-batch input dims {dims} and no qwt_deploy.input_shape metadata",
                            "export it with qwt-export, which records the input shape")
+        if self.metadata.preprocess is not None:  # channels (grey or RGB) from the model's real input
+            self.metadata = replace(self.metadata, preprocess=self.metadata.preprocess.for_input_shape(self.sample_shape))
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -105,8 +107,9 @@ class EdgeModel:
         return dict(model=os.path.basename(self.path), input=self.input.name, input_shape=["N", *self.sample_shape],
                     input_dtype=str(self.input_dtype), outputs=self.output_names, labels=len(self.labels),
                     accepts_images=self.accepts_images,
-                    images=None if pre is None else dict(resize=pre.resize, crop=pre.crop, mean=list(pre.mean),
-                                                         std=list(pre.std), calibrated_on_images=pre.from_images))
+                    images=None if pre is None else dict(resize=pre.resize, crop=pre.crop, color=pre.color,
+                                                         mean=list(pre.mean), std=list(pre.std),
+                                                         calibrated_on_images=pre.from_images))
 
     # ---- inputs --------------------------------------------------------------------------
     def tensor_from_array(self, x: np.ndarray) -> np.ndarray:
@@ -134,7 +137,7 @@ class EdgeModel:
         pre = self.metadata.preprocess
         if pre is None:
             raise BadInput("no_image_preprocessing", "this model's metadata has no image preprocessing (it is not "
-                           "a 3-channel image model exported by qwt-export); send a JSON tensor instead", 415)
+                           "a 1- or 3-channel image model exported by qwt-export); send a JSON tensor instead", 415)
         if not pre.from_images:  # the recorded values are qwt-export's defaults, not what the user did
             raise BadInput("no_image_preprocessing", "this model was calibrated on preprocessed arrays, so its image "
                            "preprocessing is unknown; send a tensor, or re-export with an image folder as "

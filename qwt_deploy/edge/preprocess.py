@@ -42,16 +42,19 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def image_to_tensor(img: Image.Image, pre: ImagePreprocess) -> np.ndarray:
-    """PIL image -> 3 x crop x crop float32: short side to ``resize`` (bicubic), center crop,
-    ``(pixel - mean) / std`` on 0..255 RGB."""
-    img = img.convert("RGB")
+    """PIL image -> C x crop x crop float32: converted to ``pre.color`` ("RGB": C=3; "L": C=1,
+    grey, Pillow's ITU-R 601-2 luma for colour photos), short side to ``resize`` (bicubic),
+    center crop, ``(pixel - mean) / std`` per channel on 0..255 values."""
+    img = img.convert(pre.color)
     w, h = img.size
     s = pre.resize / min(w, h)
     img = img.resize((max(pre.crop, round(w * s)), max(pre.crop, round(h * s))), Image.BICUBIC)
     w, h = img.size
     left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
-    rgb = np.asarray(img.crop((left, top, left + pre.crop, top + pre.crop)))
-    x = (rgb.astype(np.float32) - np.float32(pre.mean)) / np.float32(pre.std)
+    pixels = np.asarray(img.crop((left, top, left + pre.crop, top + pre.crop)))
+    if pixels.ndim == 2:  # "L": H x W
+        pixels = pixels[:, :, None]
+    x = (pixels.astype(np.float32) - np.float32(pre.mean)) / np.float32(pre.std)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 

@@ -10,6 +10,10 @@ never means adding ``if name == ...`` branches to the pipeline:
 - ``fashion-cnn`` / ``fashion-vit``: trained in this repo on Fashion-MNIST (weights ship in
   ``examples/weights``); calibration on 512 *training* images, evaluation on the 10k test
   images with their labels. Calibration source ``example:<name>``.
+- ``minilm``: all-MiniLM-L6-v2 sentence embeddings (the ``text`` extra); two int64 inputs
+  (``input_ids``, ``attention_mask``) with dynamic batch and sequence axes; calibration on
+  pydoc sentences, evaluation on 256 other sentences (no labels: the measure is the embedding
+  cosine to FP32). Its data is an :class:`~calibration.inputs.InputSet`, not an array.
 
 Heavy imports (torch, the photo packages, the dataset reader) happen only when a function of an
 example is called, so listing the examples for ``--help`` stays cheap.
@@ -33,14 +37,16 @@ class Example:
     name: str
     description: str
     factory: str  # "package.module:function" returning the eval-mode nn.Module (ExportConfig.model_factory)
-    input_shape: tuple[int, ...]  # C, H, W: what the model is traced with
-    calibration: Callable[[int, int], np.ndarray]  # (n, seed) -> n preprocessed samples, N x C x H x W float32
-    evaluation: Callable[[Optional[int], int], tuple[np.ndarray, Optional[np.ndarray]]]  # (n, seed) -> held-out x, labels
+    input_shape: tuple[int, ...]  # C, H, W: what the model is traced with (() for token models)
+    # (n, seed) -> n preprocessed samples: N x C x H x W float32, or an InputSet (token models)
+    calibration: Callable[[int, int], "np.ndarray | object"]
+    evaluation: Callable[[Optional[int], int], tuple["np.ndarray | object", Optional[np.ndarray]]]  # held-out x, labels
     calib_source: str  # the --calib-data value that selects calibration()
     preprocess: Optional[dict] = None  # Preprocess(...) fields for the ONNX metadata; None: the CLI flags decide
     labels_file: Optional[str] = None  # class names, one per line (ONNX metadata for qwt-run/qwt-serve)
     class_names: tuple[str, ...] = field(default=())
     accuracy_measure: str = "top-1 on labelled test images"
+    keep_float: Optional[tuple[str, ...]] = None  # default --keep-float for this model (None: the CLI default)
 
     def build(self):
         """The model as ``nn.Module`` in eval mode (imports the factory's module now)."""
@@ -91,9 +97,33 @@ def _fashion(kind: str, what: str) -> Example:
         factory=f"qwt_deploy.examples.fashion_mnist:build_{kind}", input_shape=(1, 28, 28),
         calibration=_fashion_calibration, evaluation=_fashion_evaluation,
         calib_source=EXAMPLE_SOURCE_PREFIX + f"fashion-{kind}",
-        preprocess=dict(resize=28, crop=28, mean=(MEAN,) * 3, std=(STD,) * 3),
+        preprocess=dict(resize=28, crop=28, mean=(MEAN,), std=(STD,)),  # one grey channel (L), as trained
         labels_file=os.path.join(_HERE, "fashion_mnist_labels.txt"), class_names=CLASSES,
         accuracy_measure="top-1 on the 10,000 Fashion-MNIST test images")
+
+
+# ---------------------------------------------------------------------- all-MiniLM-L6-v2
+def _minilm_tokens(sentences: list) -> "object":
+    from calibration.inputs import InputSet
+    from calibration.text import tokenize
+
+    from .minilm import load_tokenizer
+
+    ids, mask = tokenize(load_tokenizer(), sentences)
+    return InputSet(("input_ids", "attention_mask"), (ids, mask))
+
+
+def _minilm_calibration(n: int, seed: int):
+    from calibration.text import split_sentences
+
+    return _minilm_tokens(split_sentences(n, seed=seed)[0])  # never an evaluation sentence
+
+
+def _minilm_evaluation(n: Optional[int], seed: int):
+    """The held-out sentences in their fixed order (``seed`` unused, as for Fashion-MNIST)."""
+    from calibration.text import EVAL_SENTENCES, split_sentences
+
+    return _minilm_tokens(split_sentences(0)[1][:n or EVAL_SENTENCES]), None
 
 
 EXAMPLES: dict[str, Example] = {
@@ -104,6 +134,13 @@ EXAMPLES: dict[str, Example] = {
         labels_file=_lite0_labels(), accuracy_measure="top-1 agreement with FP32 on held-out real crops"),
     "fashion-cnn": _fashion("cnn", "ResNet-style CNN (0.31 M parameters)"),
     "fashion-vit": _fashion("vit", "small ViT (patch 4, dim 64, depth 4, 4 heads; 0.14 M parameters)"),
+    "minilm": Example(
+        name="minilm", description="all-MiniLM-L6-v2 sentence embeddings from PyPI (token ids + attention mask, "
+                                   "dynamic batch and sequence)",
+        factory="qwt_deploy.examples.minilm:build", input_shape=(),
+        calibration=_minilm_calibration, evaluation=_minilm_evaluation, calib_source=EXAMPLE_SOURCE_PREFIX + "minilm",
+        accuracy_measure="embedding cosine to FP32 on held-out pydoc sentences",
+        keep_float=("layer_norm", "softmax", "gelu", "add")),  # = minilm.TRANSFORMER_KEEP_FLOAT (why: see there)
 }
 
 

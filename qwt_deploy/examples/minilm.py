@@ -76,6 +76,16 @@ class SentenceEmbedder(torch.nn.Module):
         return pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+    def example_inputs(self):
+        """``(args, dynamic_shapes)`` for torch.export: dynamic batch and sequence axes, traced
+        at batch 2, length 8 (qwt_deploy.load.capture.export_program calls this)."""
+        from torch.export import Dim
+
+        batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=512)
+        ids = torch.ones(2, 8, dtype=torch.int64)
+        return (ids, torch.ones_like(ids)), ({0: batch, 1: seq}, {0: batch, 1: seq})
+
+
 def build() -> SentenceEmbedder:
     import contextlib
     import io
@@ -91,14 +101,10 @@ def build() -> SentenceEmbedder:
 
 
 def export_program(model: torch.nn.Module) -> torch.export.ExportedProgram:
-    """``torch.export`` with dynamic batch and sequence axes (traced at batch 2, length 8)."""
-    from torch.export import Dim
+    """``torch.export`` with dynamic batch and sequence axes (see ``example_inputs``)."""
+    from ..load.capture import export_program as export
 
-    batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=512)
-    ids = torch.ones(2, 8, dtype=torch.int64)
-    mask = torch.ones(2, 8, dtype=torch.int64)
-    with torch.no_grad():
-        return torch.export.export(model, (ids, mask), dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
+    return export(model, None)
 
 
 def check_against_reference(model: SentenceEmbedder, tokenizer, sentences: list[str]) -> float:
@@ -157,12 +163,11 @@ def quantize(model: SentenceEmbedder, calib_ids: np.ndarray, calib_mask: np.ndar
 
 def embed_ort(session, ids: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Embeddings from an ONNX Runtime session, batch by batch (each trimmed to its longest)."""
-    from calibration.text import token_batches
+    from calibration.inputs import InputSet
 
-    lengths = mask.sum(1)
-    order = np.argsort(-lengths, kind="stable")
+    inputs = InputSet(("input_ids", "attention_mask"), (ids, mask))
+    order = inputs.order()
     out = np.zeros((len(ids), 384), np.float32)
-    for k, (bi, bm) in enumerate(token_batches(ids, mask, batch_size)):
-        idx = order[k * batch_size:(k + 1) * batch_size]
-        out[idx] = session.run(None, {"input_ids": bi.numpy(), "attention_mask": bm.numpy()})[0]
+    for k, batch in enumerate(inputs.batches(batch_size)):
+        out[order[k * batch_size:(k + 1) * batch_size]] = session.run(None, batch.feed(session))[0]
     return out

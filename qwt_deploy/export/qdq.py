@@ -28,18 +28,52 @@ from .onnx_builder import OnnxBuilder
 
 
 
+def _emit_int8_table_lookup(g: OnnxBuilder, name: str, table, ids: str) -> str:
+    """An INT8 embedding table: ``Cast(Gather(codes, ids)) * Gather(row_scales, ids)``.
+
+    Why not DequantizeLinear -> Gather: ONNX Runtime keeps DQ nodes out of constant folding, so
+    it would dequantize the whole table (MiniLM: 11.7 M values) on every run. Gathering the
+    rows first touches only the tokens in the batch; all standard ops, no custom domain. The
+    product is the float32 ``code * scale`` that the simulation's ``WeightQuant.dequant`` computes."""
+    from onnx import TensorProto
+
+    codes = g.const(f"{name}.weight_int8", table.q.numpy().astype(np.int8))
+    scales = g.const(f"{name}.weight_scale", table.scale.numpy().astype(np.float32).reshape(-1, 1))
+    rows = g.op("Cast", [g.op("Gather", [codes, ids], f"{name}/codes", axis=0)], f"{name}/codes", to=TensorProto.FLOAT)
+    return g.op("Mul", [rows, g.op("Gather", [scales, ids], f"{name}/scales", axis=0)], name)
+
+
 def _emit_qwt_branch(g: OnnxBuilder, name: str, fit, x: str, y: str) -> str:
-    """QwT (v1) branch beside the QDQ graph, in float32 standard ops: ``Y + Conv1x1(X)`` for
-    CNN blocks (stride, groups, bias in the Conv), ``Y + (MatMul(X, W^T) + b)`` for token blocks.
-    It reads the block input as its quantized readers see it (DQ output), so the backend runs
-    the same arithmetic as ``BranchFit.apply``."""
-    w = fit.weight.numpy().astype(np.float32)
-    b = g.const(f"{name}.bias", fit.bias.numpy().astype(np.float32))
+    """QwT (v1) branch beside the QDQ graph, in standard ops: ``Y + Conv1x1(X)`` for CNN blocks
+    (stride, groups, bias in the Conv), ``Y + (MatMul(X, W^T) + b)`` for token blocks. It reads
+    the block input as the plan lets it (the DQ output for ort; the float value for trt, whose
+    Q/DQ sit only on the block's own input edges), so the backend runs what
+    ``BranchFit.apply`` computes.
+
+    ``fit.precision`` (set by calibration from the target, ``calibration.qwt_branch.BRANCH_PRECISION``):
+
+    - ``fp32`` (``--target ort``): FP32 weights and ops. ONNX Runtime's x86 CPU provider has
+      no FP16 Conv/MatMul kernels: it would insert Casts and compute in FP32 anyway.
+    - ``fp16`` (``--target trt``): ``Cast(X -> float16) -> Conv/MatMul(FP16 weight) [-> Add(FP16
+      bias)] -> Cast(-> float32) -> Add(Y)``. TensorRT 11 is strongly typed: each layer runs in
+      the type of its ONNX tensors, so the explicit Casts are what put the branch on FP16
+      tensor cores (FP32 accumulation) at half the weight bytes, while the block output Y and
+      the sum stay FP32 for the next layer's INT8 Q. Casts need only opset 6 (the export is
+      opset 17), and no Q/DQ touches an FP16 tensor, so no FP16 scale (opset 19) is needed.
+    """
+    half = getattr(fit, "precision", "fp32") == "fp16"
+    ftype = np.float16 if half else np.float32
+    w = fit.weight.numpy().astype(ftype)
+    b = g.const(f"{name}.bias", fit.bias.numpy().astype(ftype))
+    if half:
+        x = g.op("Cast", [x], name + "/to_fp16", to=onnx.TensorProto.FLOAT16)
     if fit.kind == "conv":
         t = g.op("Conv", [x, g.const(f"{name}.weight", w), b], name, kernel_shape=[1, 1],
                  strides=[fit.stride, fit.stride], pads=[0, 0, 0, 0], group=fit.groups)
     else:
         t = g.op("Add", [g.op("MatMul", [x, g.const(f"{name}.weight", np.ascontiguousarray(w.T))], name), b], name)
+    if half:
+        t = g.op("Cast", [t], name + "/to_fp32", to=onnx.TensorProto.FLOAT)
     return g.op("Add", [y, t], name + "/sum")
 
 
@@ -106,7 +140,10 @@ def export_onnx(
                 w_name = g.const(f"{n.name}.weight", n.weight.numpy().astype(np.float32))
                 if n.bias is not None:
                     b_name = g.const(f"{n.name}.bias", n.bias.numpy().astype(np.float32))
-        y = spec.emit(g, n, ins, w_name, b_name)
+        if quantized and n.name in getattr(params, "tables", {}):
+            y = _emit_int8_table_lookup(g, n.name, params.tables[n.name], ins[0])
+        else:
+            y = spec.emit(g, n, ins, w_name, b_name)
         if quantized and n.name in getattr(params, "branches", {}):  # QwT (v1) block branch
             fit = params.branches[n.name]
             if fit.kept:

@@ -35,11 +35,19 @@ _SKIP_FUNCS = {aten._assert_tensor_metadata.default, aten.sym_constrain_range_fo
 
 
 def export_program(model: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` a module in eval mode, with a readable error when it cannot be traced."""
+    """``torch.export`` a module in eval mode, with a readable error when it cannot be traced.
+
+    A module whose inputs are not one float image tensor (token ids and an attention mask)
+    says how to trace it: ``model.example_inputs()`` returns ``(args, dynamic_shapes)`` for
+    ``torch.export.export``; ``example`` is then unused. Why a method and not flags: only the
+    model knows its input dtypes and which axes are dynamic (batch, sequence)."""
     model = model.eval()
+    args, dynamic = ((example,), None)
+    if callable(getattr(model, "example_inputs", None)):
+        args, dynamic = model.example_inputs()
     try:
         with torch.no_grad():
-            return torch.export.export(model, (example,))
+            return torch.export.export(model, tuple(args), dynamic_shapes=dynamic)
     except Exception as e:  # torch raises many types here; all mean "not exportable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QwtError(

@@ -18,7 +18,7 @@ import importlib
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 

@@ -77,3 +77,15 @@ class IntegerLayer:
         q = torch.round(acc * self.multiplier.reshape(shape)).add_(self.y.zero_point)
         q = q.clamp_(self.y.qmin, self.y.qmax)
         return q.sub_(self.y.zero_point).mul_(torch.tensor(self.y.scale, dtype=torch.float32))
+
+
+def integer_matmul(a: torch.Tensor, b: torch.Tensor, qa: ActQuant, qb: ActQuant) -> torch.Tensor:
+    """An activation x activation MatMul (attention's Q.K^T, P.V) as ONNX Runtime's
+    MatMulIntegerToFloat computes it: the exact integer product of the centred codes, converted
+    to float32, times ``float32(s_a * s_b)``. A float MatMul of the dequantized values rounds
+    differently in ~85% of elements (by ~1 ulp); the next quantizer turns a few of those into
+    one-step flips that BERT's attention amplifies. float64 keeps the accumulator exact for any
+    sequence length (ORT's is INT32)."""
+    ca = torch.round(a.double() / qa.scale)  # (code - zero point): a is exactly k * s_a
+    cb = torch.round(b.double() / qb.scale)
+    return torch.matmul(ca, cb).float() * (np.float32(qa.scale) * np.float32(qb.scale))

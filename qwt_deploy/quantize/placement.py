@@ -44,6 +44,10 @@ class QuantPlan:
     # missing here is seen quantized by every reader (and graph output): the ort layout
     readers: dict[str, frozenset[str]] = field(default_factory=dict)
     signed_activations: bool = False  # True: symmetric INT8, zero point 0 (TensorRT)
+    # embedding nodes whose table is stored as INT8 codes + one float scale per row (weight-only):
+    # a token embedding is most of a small transformer's file (MiniLM: 47 of 90 MB) and only the
+    # gathered rows are ever read, so it is dequantized per token, never as a whole table
+    tables: list[str] = field(default_factory=list)
     int32_bias: bool = True  # False: the bias stays float (TensorRT rejects INT32 bias DQ)
 
     def is_quantized(self, value: str) -> bool:
@@ -110,7 +114,13 @@ def plan_for_ort(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT)
         elif role is Role.MOVEMENT and plan.is_quantized(n.inputs[0]):
             plan.activations[n.output] = n.inputs[0]
     _float_readers_read_float(graph, plan, keep_float)
+    plan.tables = int8_tables(graph, keep_float)
     return plan
+
+
+def int8_tables(graph: Graph, keep_float) -> list[str]:
+    """Embedding tables stored INT8 per row, unless ``embedding`` is in ``keep_float``."""
+    return [] if "embedding" in keep_float else [n.name for n in graph.nodes if n.op == "embedding"]
 
 
 def _float_readers_read_float(graph: Graph, plan: QuantPlan, keep_float) -> None:
@@ -241,6 +251,7 @@ def plan_for_trt(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT)
             all_readers = {c.name for c in consumers.get(v, [])}
             if readers != all_readers or v in outputs:
                 plan.readers[v] = frozenset(readers)
+    plan.tables = int8_tables(graph, keep_float)
     return plan
 
 

@@ -24,7 +24,7 @@ from calibration.cwac import AffineFit
 from ..graph.ir import Graph, Node
 from ..graph.ops import OPS, linear_as_matmul
 from .fold_arithmetic import FoldedLayer, deployed_bias, fold_affine, int32_bias_codes
-from .integer_kernels import IntegerLayer, made_redundant_by_q
+from .integer_kernels import IntegerLayer, integer_matmul, made_redundant_by_q
 from .trt_kernels import AccumulatorLayer
 from .fake_quant import ActQuant, WeightQuant, bias_scale, quantize_bias_int32
 from .placement import QuantPlan
@@ -38,6 +38,7 @@ class QuantParams:
     int32_bias: bool = True  # ONNX Runtime layout; False where the bias stays float (TensorRT)
     # per qwt_branch node: the fitted QwT (v1) block branch (calibration.qwt_branch.BranchFit)
     branches: dict[str, object] = field(default_factory=dict)
+    tables: dict[str, WeightQuant] = field(default_factory=dict)  # INT8 embedding tables, per row (plan.tables)
 
     def bias_int32(self, node: Node) -> Optional[torch.Tensor]:
         if node.bias is None:
@@ -108,12 +109,17 @@ def integer_layer(node: Node, params: QuantParams, plan: Optional[QuantPlan]) ->
 
 
 def accumulator_layer(node: Node, params: QuantParams, plan: Optional[QuantPlan]) -> Optional[AccumulatorLayer]:
-    """TensorRT layout: ``node`` as TensorRT's INT8 kernel computes it (exact accumulator,
-    float32 scale, float bias; see ``trt_kernels``), or None where it stays plain float."""
-    if plan is None or plan.target != "trt" or node.name not in params.weights or node.name in params.branches:
+    """``node`` as an integer kernel with a float output computes it (exact accumulator, float32
+    scale, float bias; see ``trt_kernels``), or None where it stays plain float: TensorRT's INT8
+    Conv/Gemm/MatMul, and ONNX Runtime's MatMulIntegerToFloat for token linears (MatMul + bias Add),
+    which computes ``float32(acc) * float32(s_x * s_w) + b`` the same way (checked bit for bit
+    against ORT on MiniLM's first linear; a float MatMul of dequantized values matched 13%)."""
+    if plan is None or node.name not in params.weights or node.name in params.branches:
+        return None
+    if plan.target != "trt" and not linear_as_matmul(node):  # ort Conv/Gemm: IntegerLayer (requantizing)
         return None
     x = params.acts.get(node.inputs[0])
-    if x is None or linear_as_matmul(node) or not plan.sees_quantized(node.inputs[0], node.name):
+    if x is None or not plan.sees_quantized(node.inputs[0], node.name):
         return None
     f = deployed_layer(node, params)
     return AccumulatorLayer.build(f.codes, f.scale, f.bias, x)
@@ -147,10 +153,16 @@ class SimulatedModel(torch.nn.Module):
         # TensorRT layout: Conv/Gemm computed as TensorRT's INT8 kernels compute them
         self._acc = {} if params is None else {
             n.name: k for n in graph.nodes if (k := accumulator_layer(n, params, plan)) is not None}
+        # ONNX Runtime layout: activation x activation MatMuls (attention) as MatMulIntegerToFloat
+        self._act_matmul = {} if params is None or plan is None or plan.target != "ort" else {
+            n.name: (params.acts[n.inputs[0]], params.acts[n.inputs[1]]) for n in graph.nodes
+            if n.op == "matmul" and all(v in params.acts and plan.sees_quantized(v, n.name) for v in n.inputs[:2])}
         if params is not None:
             for n in graph.nodes:
                 if n.name in params.weights:
                     self._w[n.name] = deployed_weights(n, params)  # CWAC folded in
+            for name, table in params.tables.items():  # codes x row scale, as Cast + Mul compute it
+                self._w[name] = (table.dequant(), None)
 
     def _quant(self, value: str, x: torch.Tensor) -> torch.Tensor:
         if self.params is None or value not in self.params.acts:
@@ -191,8 +203,13 @@ class SimulatedModel(torch.nn.Module):
                 y = kernel(lambda a, codes: OPS[n.op].forward(n, [a], codes, None), xs[0])
             else:
                 acc = self._acc.get(n.name)
-                y = (OPS[n.op].forward(n, xs, w, b) if acc is None
-                     else acc(lambda a, codes: OPS[n.op].forward(n, [a], codes, None), xs[0], channel_dim(n)))
+                both = self._act_matmul.get(n.name)
+                if acc is not None:
+                    y = acc(lambda a, codes: OPS[n.op].forward(n, [a], codes, None), xs[0], channel_dim(n))
+                elif both is not None:
+                    y = integer_matmul(xs[0], xs[1], *both)
+                else:
+                    y = OPS[n.op].forward(n, xs, w, b)
                 if self.params is not None and n.name in self.params.branches:  # QwT (v1): Y + W·X_q + b
                     y = self.params.branches[n.name].apply(self._read(env, raw, n.inputs[0], n.name), y)
                 if n.activation is not None:

@@ -44,4 +44,7 @@ class SessionFromOnnx:
 
 
 def run(session, x):
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+    """First output for ``x``: an array (single-input model) or anything with ``feed(session)``
+    (``calibration.inputs.InputSet``: token ids + attention mask, ...)."""
+    feed = x.feed(session) if hasattr(x, "feed") else {session.get_inputs()[0].name: x}
+    return session.run(None, feed)[0]
