@@ -38,9 +38,8 @@ from qwt_deploy.check.agreement import kl_divergence  # noqa: E402
 from qwt_deploy.examples.efficientnet_lite0 import build  # noqa: E402
 from qwt_deploy.export.qdq import export_onnx  # noqa: E402
 from qwt_deploy.load.capture import capture, export_program  # noqa: E402
-from qwt_deploy.pipeline import interleaved_latency_ms  # noqa: E402
 from qwt_deploy.quantize.placement import plan_for_ort  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, run  # noqa: E402
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run  # noqa: E402
 
 
 def logits(model_bytes: bytes, x: np.ndarray) -> np.ndarray:

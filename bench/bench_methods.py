@@ -43,9 +43,8 @@ from graph_passes import fold_cwac_into_weight_scales  # noqa: E402
 from qwt_deploy.check.agreement import kl_divergence  # noqa: E402
 from qwt_deploy.export.qdq import export_onnx  # noqa: E402
 from qwt_deploy.load.capture import capture, export_program  # noqa: E402
-from qwt_deploy.pipeline import interleaved_latency_ms  # noqa: E402
 from qwt_deploy.quantize.placement import plan_for_ort  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, run  # noqa: E402
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run  # noqa: E402
 
 METHODS = ["none", "bias-correction", "qwt", "qwt2", "qwt,qwt2"]
 BITS = [(8, 8), (4, 8)]
@@ -70,6 +69,19 @@ def find_example(key: str):
     return None
 
 
+def method_row(bits, method: str, accuracy: dict, graph, result, folded, data: bytes) -> dict:
+    """One table row: the accuracy figures plus calibration time, size and the extra
+    parameters (compensation_summary), the same for every model."""
+    comp = compensation_summary(graph, result)
+    return dict(bits=f"W{bits[0]}A{bits[1]}", method=method, **accuracy, calib_s=result.seconds,
+                nodes=len(folded.graph.node), size_mb=len(data) / 1e6,
+                extra_params_deployed=comp["extra_params_deployed"],
+                extra_params_deployed_pct=comp["extra_params_deployed_pct"],
+                compensation_params_pct=comp["compensation_params_pct"], model_params=comp["model_params"],
+                blocks_found=comp["blocks_found"], blocks_kept=comp["blocks_kept"],
+                block_r2=[round(b["r2"], 4) for b in comp["blocks"]])
+
+
 def measure(ex, ref: np.ndarray, got: np.ndarray, labels) -> dict:
     if labels is not None:
         return dict(measure="top-1 accuracy", value=float(np.mean(got.argmax(-1) == labels)))
@@ -79,20 +91,6 @@ def measure(ex, ref: np.ndarray, got: np.ndarray, labels) -> dict:
         return dict(measure="mean cosine to FP32", value=float(cos.mean()))
     return dict(measure="top-1 agreement with FP32", value=float(np.mean(got.argmax(-1) == ref.argmax(-1))),
                 kl=kl_divergence(ref, got))
-
-
-def interleaved_feeds_ms(sessions: dict, feeds: dict, rounds: int, per_round: int = 10) -> dict:
-    """Median per-run time of each session on multi-input feeds, alternating rounds in one process."""
-    times = {k: [] for k in sessions}
-    for s in sessions.values():
-        s.run(None, feeds)
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                s.run(None, feeds)
-            times[k].append((time.perf_counter() - t0) / per_round * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def bench_minilm(quick: bool, threads: int, log) -> dict:
@@ -126,19 +124,13 @@ def bench_minilm(quick: bool, threads: int, log) -> dict:
             deployed[method] = data
             got = minilm.embed_ort(SessionFromOnnx(data, threads=threads)(), ei, em)
             cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-30)
-            comp = compensation_summary(g, run_.result)
-            row = dict(bits=f"W{bits[0]}A{bits[1]}", method=method, measure="mean cosine to FP32", value=float(cos.mean()),
-                       min_cosine=float(cos.min()), calib_s=run_.result.seconds, nodes=len(run_.folded.graph.node),
-                       size_mb=len(data) / 1e6, extra_params_deployed=comp["extra_params_deployed"],
-                       extra_params_deployed_pct=comp["extra_params_deployed_pct"],
-                       compensation_params_pct=comp["compensation_params_pct"], model_params=comp["model_params"],
-                       blocks_found=comp["blocks_found"], blocks_kept=comp["blocks_kept"],
-                       block_r2=[round(b["r2"], 4) for b in comp["blocks"]])
+            row = method_row(bits, method, dict(measure="mean cosine to FP32", value=float(cos.mean()),
+                                                min_cosine=float(cos.min())), g, run_.result, run_.folded, data)
             res["rows"].append(row)
             log(f"{row['bits']} {method:16s} cosine {row['value']:.5f}  +params {row['extra_params_deployed_pct']:.2f}%  "
                 f"calib {row['calib_s']:.1f}s  blocks kept {row['blocks_kept']}/{row['blocks_found']}")
         sessions = {m: SessionFromOnnx(d, threads=threads, allow_spinning=False)() for m, d in deployed.items()}
-        ms = interleaved_feeds_ms(sessions, feeds, rounds=9 if quick else 21)
+        ms = interleaved_latency_ms(sessions, feeds, rounds=9 if quick else 21, per_round=10)
         _record_latency(res, bits, ms, log)
         del sessions
     return res
@@ -180,14 +172,7 @@ def bench_model(key: str, quick: bool, threads: int, log) -> dict:
             data = folded.SerializeToString()
             deployed[method] = data
             got = outputs(data, xe, threads)
-            comp = compensation_summary(g, r)
-            row = dict(bits=f"W{bits[0]}A{bits[1]}", method=method, **measure(ex, ref, got, ye),
-                       calib_s=r.seconds, nodes=len(folded.graph.node), size_mb=len(data) / 1e6,
-                       extra_params_deployed=comp["extra_params_deployed"],
-                       extra_params_deployed_pct=comp["extra_params_deployed_pct"],
-                       compensation_params_pct=comp["compensation_params_pct"], model_params=comp["model_params"],
-                       blocks_found=comp["blocks_found"], blocks_kept=comp["blocks_kept"],
-                       block_r2=[round(b["r2"], 4) for b in comp["blocks"]])
+            row = method_row(bits, method, measure(ex, ref, got, ye), g, r, folded, data)
             res["rows"].append(row)
             log(f"{row['bits']} {method:16s} {row['measure']} {row['value']:.4f}  +params {row['extra_params_deployed_pct']:.2f}% "
                 f"(unfolded {row['compensation_params_pct']:.2f}%)  calib {row['calib_s']:.1f}s  "

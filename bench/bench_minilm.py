@@ -32,26 +32,13 @@ from qwt_deploy.examples import minilm  # noqa: E402
 from qwt_deploy.export.qdq import export_onnx  # noqa: E402
 from qwt_deploy.load.capture import capture  # noqa: E402
 from qwt_deploy.pipeline import int8_coverage  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx  # noqa: E402
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms  # noqa: E402
 
 TRANSFORMER_KEEP_FLOAT = minilm.TRANSFORMER_KEEP_FLOAT
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
-def interleaved_ms(sessions: dict, feed: dict, rounds: int = 9, per_round: int = 10) -> dict:
-    times = {k: [] for k in sessions}
-    for s in sessions.values():
-        s.run(None, feed)
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                s.run(None, feed)
-            times[k].append((time.perf_counter() - t0) / per_round * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -133,7 +120,7 @@ def main(argv=None) -> dict:
         lat = {}
         for b in (1, 8):
             feed = {"input_ids": ei[:b, :int(em[:b].sum(1).max())], "attention_mask": em[:b, :int(em[:b].sum(1).max())]}
-            ms = interleaved_ms(sessions, feed)
+            ms = interleaved_latency_ms(sessions, feed, rounds=9, per_round=10)
             lat[f"batch{b}"] = dict(ms, int8_over_fp32=ms["int8"] / ms["fp32"], tokens=int(feed["input_ids"].shape[1]))
             print(f"latency batch {b} ({feed['input_ids'].shape[1]} tokens): " +
                   ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()) + f"; int8/fp32 {ms['int8'] / ms['fp32']:.3f}")

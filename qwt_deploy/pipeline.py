@@ -30,7 +30,7 @@ from .load.model_file import LoadedModel, load_model
 from .quantize.placement import PLANNERS
 from .quantize.simulate import SimulatedModel
 from .report import default_report_path, write_json
-from .runtime.onnxruntime import SessionFromOnnx, run
+from .runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run
 
 _INTEGER_OPS = {"QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
                 "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
@@ -80,22 +80,6 @@ def int8_coverage(optimized: onnx.ModelProto) -> dict:
                 bias_epilogues=epilogues,
                 by_type={**integer, **{f"float {k}": v for k, v in flt.items()},
                          **({"bias epilogue Add": epilogues} if epilogues else {})})
-
-
-def interleaved_latency_ms(sessions: dict, x: "np.ndarray | InputSet", rounds: int = 7, per_round: int = 5) -> dict:
-    """Median per-run time of each session, measured in alternating rounds in one process."""
-    import time as _t
-
-    times = {k: [] for k in sessions}
-    for s in sessions.values():
-        run(s, x)  # warm-up
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = _t.perf_counter()
-            for _ in range(per_round):
-                run(s, x)
-            times[k].append((_t.perf_counter() - t0) / per_round * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 @dataclass

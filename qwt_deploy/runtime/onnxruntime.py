@@ -44,7 +44,30 @@ class SessionFromOnnx:
 
 
 def run(session, x):
-    """First output for ``x``: an array (single-input model) or anything with ``feed(session)``
-    (``calibration.inputs.InputSet``: token ids + attention mask, ...)."""
-    feed = x.feed(session) if hasattr(x, "feed") else {session.get_inputs()[0].name: x}
+    """First output for ``x``: an array (single-input model), a feed dict, or anything with
+    ``feed(session)`` (``calibration.inputs.InputSet``: token ids + attention mask, ...)."""
+    if isinstance(x, dict):
+        feed = x
+    else:
+        feed = x.feed(session) if hasattr(x, "feed") else {session.get_inputs()[0].name: x}
     return session.run(None, feed)[0]
+
+
+def interleaved_latency_ms(sessions: dict, x, rounds: int = 7, per_round: int = 5) -> dict:
+    """Median per-run time (ms) of each session on ``x`` (as :func:`run` takes it), measured in
+    alternating rounds in one process: these machines are noisy, so only ratios within one run
+    mean anything. Create the sessions with ``allow_spinning=False``."""
+    import time
+
+    import numpy as np
+
+    times = {k: [] for k in sessions}
+    for s in sessions.values():
+        run(s, x)  # warm-up
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                run(s, x)
+            times[k].append((time.perf_counter() - t0) / per_round * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
