@@ -9,7 +9,10 @@
 3. Latency: ONNX Runtime CPU, 2 threads, batch 1 and 8, FP32 vs quantize_static vs ours,
    interleaved rounds in one process (allow_spinning=0).
 4. Wall time of the whole `qwt-export --example efficientnet-lite0` command.
-Everything is measured on this machine in this run; nothing is hard-coded.
+Our files are made by the public API exactly as qwt-export makes them for --target ort
+(``api.quantize`` -> ``api.export``, channel-pad pass included) and run in the session
+``api.check_session`` gives them. Everything is measured on this machine in this run; nothing
+is hard-coded.
 """
 
 from __future__ import annotations
@@ -27,24 +30,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from calibration.data import batches  # noqa: E402
-from calibration.photos import calibration_photos, crops, evaluation_photos, labelled_evaluation_photos  # noqa: E402
-from calibration.preprocess import LITE0  # noqa: E402
-from calibration.sequential import CalibrationSettings, calibrate  # noqa: E402
-from graph_passes import fold_cwac_into_weight_scales  # noqa: E402
-from qwt_deploy.check.agreement import kl_divergence  # noqa: E402
-from qwt_deploy.examples.efficientnet_lite0 import build  # noqa: E402
-from qwt_deploy.export.qdq import export_onnx  # noqa: E402
-from qwt_deploy.load.capture import capture, export_program  # noqa: E402
-from qwt_deploy.quantize.placement import plan_for_ort  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run  # noqa: E402
+from qwt_deploy import api
+from qwt_deploy.calibration.sequential import CalibrationSettings
+from qwt_deploy.comparison.agreement import kl_divergence
+from qwt_deploy.config import QuantizeConfig
+from qwt_deploy.data.photos import calibration_photos, crops, evaluation_photos, labelled_evaluation_photos
+from qwt_deploy.data.preprocess import LITE0
+from qwt_deploy.examples.efficientnet_lite0 import build
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run
 
 
-def logits(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    s = SessionFromOnnx(model_bytes, threads=2)()
-    return np.concatenate([run(s, x[i:i + 32]) for i in range(0, len(x), 32)])
+def logits(session, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([run(session, x[i:i + 32]) for i in range(0, len(x), 32)])
 
 
 def quantize_static_model(fp32_path: str, calib: np.ndarray, out: str) -> bytes:
@@ -86,20 +83,27 @@ def main() -> None:
     res["calibration_photos"] = len(calibration_photos())
     res["eval_photos"] = len(evaluation_photos())
 
-    graph = capture(export_program(build(), torch.zeros(2, 3, 224, 224)))
-    plan = plan_for_ort(graph)
-    fp32 = export_onnx(graph).SerializeToString()
+    model = build()
+
+    def deploy(bits, method) -> api.ExportedModel:
+        """What ``qwt-export --example efficientnet-lite0 --method <method>`` ships (metadata aside)."""
+        settings = CalibrationSettings(w_bits=bits[0], a_bits=bits[1], method=method)
+        return api.export(api.quantize(model, xc, QuantizeConfig(target="ort", settings=settings, num_calib=n_cal)))
+
+    ready = {((8, 8), "none"): deploy((8, 8), "none")}  # the first row below; any quantized model gives FP32
+    fp32 = api.export_float(ready[(8, 8), "none"].quantized).SerializeToString()  # the captured model in FP32
     tmp = tempfile.mkdtemp()
     fp32_path = os.path.join(tmp, "fp32.onnx")
     with open(fp32_path, "wb") as f:
         f.write(fp32)
-    ref_e, ref_l = logits(fp32, xe), logits(fp32, xl)
+    fp32_sess = SessionFromOnnx(fp32, threads=2)()
+    ref_e, ref_l = logits(fp32_sess, xe), logits(fp32_sess, xl)
     res["fp32_top1_labelled"] = float(np.mean(ref_l.argmax(1) == yl))
 
-    def score(name, model_bytes, seconds=None):
-        le, ll = logits(model_bytes, xe), logits(model_bytes, xl)
+    def score(name, session, size_bytes, seconds=None):
+        le, ll = logits(session, xe), logits(session, xl)
         row = dict(agreement=float(np.mean(le.argmax(1) == ref_e.argmax(1))), kl=kl_divergence(ref_e, le),
-                   top1_labelled=float(np.mean(ll.argmax(1) == yl)), size_mb=len(model_bytes) / 1e6)
+                   top1_labelled=float(np.mean(ll.argmax(1) == yl)), size_mb=size_bytes / 1e6)
         if seconds is not None:
             row["calib_s"] = seconds
         res.setdefault("rows", {})[name] = row
@@ -109,24 +113,23 @@ def main() -> None:
     models = {}
     t = time.perf_counter()
     models["quantize_static"] = quantize_static_model(fp32_path, xc, os.path.join(tmp, "qs.onnx"))
-    score("W8A8 onnxruntime quantize_static", models["quantize_static"], time.perf_counter() - t)
+    score("W8A8 onnxruntime quantize_static", SessionFromOnnx(models["quantize_static"], threads=2)(),
+          len(models["quantize_static"]), time.perf_counter() - t)
 
     for bits in [(8, 8), (4, 8), (6, 6)]:
         for method in ["none", "bias-correction", "qwt2"]:
-            st = CalibrationSettings(w_bits=bits[0], a_bits=bits[1], method=method)
-            r = calibrate(graph, plan, batches(xc, 32), st)
-            m, _ = fold_cwac_into_weight_scales(export_onnx(graph, plan, r.params))
-            data = m.SerializeToString()
+            ex = ready.pop((bits, method), None) or deploy(bits, method)
             name = f"W{bits[0]}A{bits[1]} qwt-deploy {method}"
-            score(name, data, r.seconds)
+            score(name, api.check_session(ex, 2), len(ex.data), ex.quantized.result.seconds)
             if bits == (8, 8) and method == "qwt2":
-                models["qwt2"] = data
+                models["qwt2"] = ex
 
     # latency, interleaved
     lat = {}
     for bs in (1, 8):
-        sess = {k: SessionFromOnnx(v, threads=2, allow_spinning=False)() for k, v in
-                [("fp32", fp32), ("quantize_static", models["quantize_static"]), ("qwt2", models["qwt2"])]}
+        sess = {"fp32": SessionFromOnnx(fp32, threads=2, allow_spinning=False)(),
+                "quantize_static": SessionFromOnnx(models["quantize_static"], threads=2, allow_spinning=False)(),
+                "qwt2": api.check_session(models["qwt2"], 2)}  # the shipped file, as qwt-export's check runs it
         ms = interleaved_latency_ms(sess, xe[:bs], rounds=15, per_round=10 if bs == 1 else 3)
         lat[f"bs{bs}"] = dict(ms, qwt2_over_fp32=ms["qwt2"] / ms["fp32"],
                               qwt2_over_quantize_static=ms["qwt2"] / ms["quantize_static"])

@@ -11,6 +11,8 @@ What it measures (everything in this run, nothing hard-coded):
    expand (1x1), depthwise (3x3/5x5), project (1x1), head, the rest by op type. It shows where INT8
    loses to FP32's NCHWc kernels.
 2. Latency ratios INT8/FP32 for graph variants of the *shipped* INT8 model and for session options.
+   "int8" is qwt-export's file without its channel-pad pass (``--no-pad-conv-channels``); variant
+   stem_pad4 is that pass, i.e. the file qwt-export ships by default.
    Per variant, FP32 + shipped INT8 + the variant are alive in one process (as in bench_lite0.py;
    ``session.intra_op.allow_spinning`` = "0" on every session) and run in interleaved rounds;
    per-round ratios -> median, p25..p75 over rounds and repeats, the ratio of 10th-percentile single
@@ -50,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_samples_ms
 
 SPIN_OFF = {"session.intra_op.allow_spinning": "0"}
 
@@ -97,7 +99,7 @@ def stem_pad4(m0: onnx.ModelProto) -> onnx.ModelProto:
     The shipped pass (graph_passes/pad_conv_input_channels.py, on by default for --target ort) does
     it; a model exported with it already has the pad, so this variant needs an unpadded INT8 model
     (the in-process build below, or --model from `qwt-export --no-pad-conv-channels`)."""
-    from graph_passes import pad_conv_input_channels
+    from qwt_deploy.graph_passes import pad_conv_input_channels
 
     m, n = pad_conv_input_channels(m0)
     if n == 0:
@@ -244,19 +246,10 @@ FP32_TWINS = ("opt_dynamic_block_base4", "opt_thread_affinity")
 
 # ----------------------------------------------------------------------------- sessions
 def session(model, threads: int, config: dict | None = None, disabled=(), profile_prefix=None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    for k, v in {**SPIN_OFF, **(config or {})}.items():
-        so.add_session_config_entry(k, v)
-    if profile_prefix:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+    """The session qwt-export's check and latency use (``SessionFromOnnx``, spinning off), with a
+    variant's extra config entries, disabled ORT optimizers or profiling."""
+    return SessionFromOnnx(model, threads, allow_spinning=False, config_entries=config,
+                           disabled_optimizers=tuple(disabled), profile_prefix=profile_prefix)()
 
 
 def feed(s, x: np.ndarray) -> dict:
@@ -269,22 +262,12 @@ def feed(s, x: np.ndarray) -> dict:
 
 
 def interleaved_ratios(sessions: dict, x: np.ndarray, rounds: int, per_round: int) -> dict:
-    """Per round: ms of each session (per_round runs each, alternating); ratio to 'fp32' in that round."""
+    """Per round: ms of each session (``interleaved_samples_ms``, every sample kept); ratio to
+    'fp32' in that round. Raw-pixel variants get their own uint8 feed (``feed``)."""
     feeds = {k: feed(s, x) for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(3):
-            s.run(None, feeds[k])
-    ms = {k: [] for k in sessions}
-    single = {k: [] for k in sessions}  # every run on its own: low percentiles ~ an undisturbed machine
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                t1 = time.perf_counter()
-                s.run(None, feeds[k])
-                single[k].append((time.perf_counter() - t1) * 1e3)
-            ms[k].append((time.perf_counter() - t0) / per_round * 1e3)
-    return {k: dict(ms=v, single_ms=single[k], ratio=[a / b for a, b in zip(v, ms["fp32"])]) for k, v in ms.items()}
+    got = interleaved_samples_ms(sessions, None, rounds, per_round, warmup=3, feeds=feeds)
+    return {k: dict(ms=v.round_ms, single_ms=v.run_ms, ratio=[a / b for a, b in zip(v.round_ms, got["fp32"].round_ms)])
+            for k, v in got.items()}
 
 
 def _category(ev) -> str:
@@ -351,28 +334,21 @@ def amdahl_bounds(profile: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- models
-def build_models(model_path: str | None, tmp: str):
-    import torch
-
+def build_models(model_path: str | None):
+    """FP32 (``api.export_float``: the reference qwt-export's latency check uses) and the INT8
+    model: ``--model``, or quantized in-process as ``qwt-export --example efficientnet-lite0
+    --no-pad-conv-channels`` does (``api.quantize`` -> ``api.export``)."""
+    from qwt_deploy import api
+    from qwt_deploy.config import QuantizeConfig
     from qwt_deploy.examples.efficientnet_lite0 import build
-    from qwt_deploy.export.qdq import export_onnx
-    from qwt_deploy.load.capture import capture, export_program
 
-    torch.set_num_threads(2)
-    fp32 = export_onnx(capture(export_program(build(), torch.zeros(2, 3, 224, 224))))
     if model_path:
-        return fp32, onnx.load(model_path)
-    from qwt_deploy.config import ExportConfig
-    from qwt_deploy.pipeline import export_folded, quantize_model
-
-    cfg = ExportConfig(model=None, output=os.path.join(tmp, "lite0.onnx"),
-                       model_factory="qwt_deploy.examples.efficientnet_lite0:build", measure_latency=False,
-                       pad_conv_channels=False)  # the unpadded baseline: stem_pad4 is one of the variants
+        return api.export_float(build()), onnx.load(model_path)  # nothing quantized with --model
     t = time.perf_counter()
-    qm = quantize_model(cfg, log=lambda s: None)
-    folded = export_folded(qm, cfg).folded
-    print(f"quantized in-process in {time.perf_counter() - t:.0f} s ({cfg.quant.method}, {cfg.num_calib} crops)")
-    return fp32, folded
+    qm = api.quantize(build(), "bundled", QuantizeConfig(target="ort"))  # qwt-export's defaults: qwt2 W8A8, 512 crops
+    int8 = api.export(qm, pad_conv_channels=False).folded  # the unpadded baseline: stem_pad4 is one of the variants
+    print(f"quantized in-process in {time.perf_counter() - t:.0f} s ({qm.settings.method}, {len(qm.inputs)} crops)")
+    return api.export_float(qm), int8
 
 
 def main() -> None:
@@ -394,15 +370,15 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="lite0_batch1_")
     import onnxruntime as ort
 
-    from calibration.photos import crops, evaluation_photos
-    from calibration.preprocess import LITE0
+    from qwt_deploy.data.photos import crops, evaluation_photos
+    from qwt_deploy.data.preprocess import LITE0
 
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
            "onnxruntime": ort.__version__, "threads": a.threads, "batch": a.batch, "load_before": os.getloadavg(),
            "session_config_all": SPIN_OFF, "command": " ".join(["python"] + sys.argv),
-           "model": a.model or "quantized in-process (ExportConfig defaults: qwt2 W8A8, 512 bundled crops; "
-                                  "pad_conv_channels=False)"}
-    fp32, int8 = build_models(a.model, tmp)
+           "model": a.model or "quantized in-process (api.quantize defaults for --target ort: qwt2 W8A8, 512 "
+                                  "bundled crops; api.export pad_conv_channels=False)"}
+    fp32, int8 = build_models(a.model)
     names = [v for v in a.variants.split(",") if v]
     models = {"fp32": (fp32.SerializeToString(), {}, ()), "int8": (int8.SerializeToString(), {}, ())}
     for v in names:

@@ -3,17 +3,19 @@
     python bench/bench_methods.py [--models lite0,fashion-cnn,fashion-vit,minilm] [--quick] [--out bench/results]
 
 For each available model and each method (none, bias-correction, qwt, qwt2, qwt,qwt2) at
-W8A8 and W4A8 (emulated), through exactly the pipeline steps qwt-export runs (capture ->
-QwT branch insertion -> ort placement -> sequential calibrate+compensate -> QDQ export ->
-CWAC fold), it measures:
+W8A8 and W4A8 (emulated), through the public API exactly as qwt-export runs it
+(``api.quantize`` -> ``api.export`` with --target ort: capture, QwT branch insertion, ort
+placement, sequential calibrate+compensate, QDQ export, CWAC fold, the channel-pad pass,
+full onnx check), each file run in the session ``api.check_session`` gives it, it measures:
 
 - accuracy: EfficientNet-Lite0 top-1 agreement with FP32 (and KL) on held-out real crops;
   Fashion-MNIST CNN/ViT top-1 on the 10,000 test images (real labels); MiniLM (if its example
   is registered) mean cosine of the output to FP32;
 - extra parameters as % of the model: deployed (QwT branches; CWAC folds into existing
   scales/biases) and before folding (CWAC's 2 per channel + branches);
-- ONNX Runtime CPU latency of every method's deployed file against plain INT8 (``none``),
-  batch 1, measured in interleaved rounds in one process with allow_spinning=0;
+- ONNX Runtime CPU latency of every method's deployed file (the graph qwt-export ships)
+  against plain INT8 (``none``), batch 1, measured in interleaved rounds in one process with
+  allow_spinning=0;
 - calibration + compensation wall time (the sequential loop incl. the branch fits).
 
 Models whose weights/data are missing are skipped with the reason (the Fashion-MNIST weights
@@ -27,24 +29,19 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 import traceback
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from calibration.data import batches  # noqa: E402
-from calibration.qwt_branch import compensation_summary, with_qwt_branches  # noqa: E402
-from calibration.sequential import CalibrationSettings, calibrate  # noqa: E402
-from graph_passes import fold_cwac_into_weight_scales  # noqa: E402
-from qwt_deploy.check.agreement import kl_divergence  # noqa: E402
-from qwt_deploy.export.qdq import export_onnx  # noqa: E402
-from qwt_deploy.load.capture import capture, export_program  # noqa: E402
-from qwt_deploy.quantize.placement import plan_for_ort  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run  # noqa: E402
+from qwt_deploy import api
+from qwt_deploy.calibration.sequential import CalibrationSettings
+from qwt_deploy.comparison.agreement import kl_divergence
+from qwt_deploy.config import QuantizeConfig
+from qwt_deploy.data.inputs import InputSet
+from qwt_deploy.quantization.placement import DEFAULT_KEEP_FLOAT
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run
 
 METHODS = ["none", "bias-correction", "qwt", "qwt2", "qwt,qwt2"]
 BITS = [(8, 8), (4, 8)]
@@ -52,9 +49,8 @@ MODEL_KEYS = {"lite0": "efficientnet-lite0", "fashion-cnn": "fashion-cnn", "fash
               "minilm": "minilm"}
 
 
-def outputs(model_bytes: bytes, x: np.ndarray, threads: int, chunk: int = 64) -> np.ndarray:
-    s = SessionFromOnnx(model_bytes, threads=threads)()
-    return np.concatenate([run(s, x[i:i + chunk]) for i in range(0, len(x), chunk)])
+def outputs(session, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+    return np.concatenate([run(session, x[i:i + chunk]) for i in range(0, len(x), chunk)])
 
 
 def find_example(key: str):
@@ -69,12 +65,21 @@ def find_example(key: str):
     return None
 
 
-def method_row(bits, method: str, accuracy: dict, graph, result, folded, data: bytes) -> dict:
+def deploy(ex, model, calibration, bits, method: str, threads: int) -> api.ExportedModel:
+    """The file ``qwt-export --example <ex> --target ort --method <method>`` ships (metadata aside)."""
+    cfg = QuantizeConfig(target="ort", settings=CalibrationSettings(w_bits=bits[0], a_bits=bits[1], method=method),
+                         num_calib=len(calibration), threads=threads, example_shape=tuple(ex.input_shape) or (3, 224, 224),
+                         keep_float=ex.keep_float if ex.keep_float is not None else DEFAULT_KEEP_FLOAT)
+    return api.export(api.quantize(model, calibration, cfg))
+
+
+def method_row(bits, method: str, accuracy: dict, exported: api.ExportedModel) -> dict:
     """One table row: the accuracy figures plus calibration time, size and the extra
-    parameters (compensation_summary), the same for every model."""
-    comp = compensation_summary(graph, result)
-    return dict(bits=f"W{bits[0]}A{bits[1]}", method=method, **accuracy, calib_s=result.seconds,
-                nodes=len(folded.graph.node), size_mb=len(data) / 1e6,
+    parameters (qwt-export's report: api.model_report), the same for every model."""
+    rep = api.model_report(exported)
+    comp = rep["compensation"]
+    return dict(bits=f"W{bits[0]}A{bits[1]}", method=method, **accuracy, calib_s=exported.quantized.result.seconds,
+                nodes=rep["node_count"]["folded"], size_mb=len(exported.data) / 1e6,
                 extra_params_deployed=comp["extra_params_deployed"],
                 extra_params_deployed_pct=comp["extra_params_deployed_pct"],
                 compensation_params_pct=comp["compensation_params_pct"], model_params=comp["model_params"],
@@ -94,42 +99,39 @@ def measure(ex, ref: np.ndarray, got: np.ndarray, labels) -> dict:
 
 
 def bench_minilm(quick: bool, threads: int, log) -> dict:
-    """all-MiniLM-L6-v2 through the example's own quantize() (token ids + mask inputs), with
-    QwT branches inserted the way qwt-export does; cosine of the sentence embedding to FP32 on
-    held-out pydoc sentences."""
+    """all-MiniLM-L6-v2 (token ids + mask inputs) through the API with the example's settings
+    (as ``qwt-export --example minilm``); cosine of the sentence embedding to FP32 on held-out
+    pydoc sentences."""
     try:
+        from qwt_deploy.data.text import split_sentences, tokenize
         from qwt_deploy.examples import minilm
-        from calibration.text import split_sentences, tokenize
-        model, tok = minilm.build(), minilm.load_tokenizer()
+        ex = find_example("minilm")
+        model, tok = ex.build(), minilm.load_tokenizer()
     except Exception as e:
         return dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     n_cal, n_eval = (64, 128) if quick else (512, 1000)
     cal_s, ev_s = split_sentences(n_cal, n_eval)
-    ci, cm = tokenize(tok, cal_s)
+    calib = InputSet(("input_ids", "attention_mask"), tokenize(tok, cal_s))
     ei, em = tokenize(tok, ev_s)
     with torch.no_grad():
         ref = np.concatenate([model(torch.from_numpy(ei[i:i + 64]), torch.from_numpy(em[i:i + 64])).numpy()
                               for i in range(0, len(ei), 64)])
-    graph0 = capture(minilm.export_program(model))
     res = dict(example="all-MiniLM-L6-v2", accuracy_measure="mean cosine of the sentence embedding to FP32 (pydoc sentences)",
                calibration_samples=len(cal_s), eval_samples=len(ev_s), rows=[], fp32=dict(value=1.0))
     log(f"\n## MiniLM: {len(cal_s)} calibration / {len(ev_s)} evaluation sentences")
     feeds = {"input_ids": ei[:1], "attention_mask": em[:1]}
     for bits in BITS:
-        deployed = {}
+        sessions = {}
         for method in METHODS:
-            g = with_qwt_branches(graph0, method)
-            run_ = minilm.quantize(model, ci, cm, method=method, w_bits=bits[0], a_bits=bits[1], graph=g)
-            data = run_.folded.SerializeToString()
-            deployed[method] = data
-            got = minilm.embed_ort(SessionFromOnnx(data, threads=threads)(), ei, em)
+            exported = deploy(ex, model, calib, bits, method, threads)
+            sessions[method] = api.check_session(exported, threads)
+            got = minilm.embed_ort(sessions[method], ei, em)
             cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-30)
             row = method_row(bits, method, dict(measure="mean cosine to FP32", value=float(cos.mean()),
-                                                min_cosine=float(cos.min())), g, run_.result, run_.folded, data)
+                                                min_cosine=float(cos.min())), exported)
             res["rows"].append(row)
             log(f"{row['bits']} {method:16s} cosine {row['value']:.5f}  +params {row['extra_params_deployed_pct']:.2f}%  "
                 f"calib {row['calib_s']:.1f}s  blocks kept {row['blocks_kept']}/{row['blocks_found']}")
-        sessions = {m: SessionFromOnnx(d, threads=threads, allow_spinning=False)() for m, d in deployed.items()}
         ms = interleaved_latency_ms(sessions, feeds, rounds=9 if quick else 21, per_round=10)
         _record_latency(res, bits, ms, log)
         del sessions
@@ -154,30 +156,23 @@ def bench_model(key: str, quick: bool, threads: int, log) -> dict:
         xe, ye = ex.evaluation(n_eval, 1)
     except Exception as e:
         return dict(skipped=f"data: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    graph0 = capture(export_program(model, torch.zeros((2,) + tuple(ex.input_shape))))
-    fp32 = export_onnx(graph0).SerializeToString()
-    ref = outputs(fp32, xe, threads)
+    ready = {(BITS[0], METHODS[0]): deploy(ex, model, xc, BITS[0], METHODS[0], threads)}
+    fp32 = api.export_float(ready[BITS[0], METHODS[0]].quantized)  # the captured model in FP32 (any method's)
+    ref = outputs(SessionFromOnnx(fp32.SerializeToString(), threads, allow_spinning=False)(), xe)
     res = dict(example=ex.name, accuracy_measure=ex.accuracy_measure, calibration_samples=int(len(xc)),
                eval_samples=int(len(xe)), rows=[])
     res["fp32"] = measure(ex, ref, ref, ye)
     log(f"\n## {ex.name}: {len(xc)} calibration samples, {len(xe)} evaluation samples; FP32 {res['fp32']}")
     for bits in BITS:
-        deployed = {}
+        sessions = {}
         for method in METHODS:
-            g = with_qwt_branches(graph0, method)
-            plan = plan_for_ort(g)
-            st = CalibrationSettings(w_bits=bits[0], a_bits=bits[1], method=method)
-            r = calibrate(g, plan, batches(xc, 32), st)
-            folded, _ = fold_cwac_into_weight_scales(export_onnx(g, plan, r.params))
-            data = folded.SerializeToString()
-            deployed[method] = data
-            got = outputs(data, xe, threads)
-            row = method_row(bits, method, measure(ex, ref, got, ye), g, r, folded, data)
+            exported = ready.pop((bits, method), None) or deploy(ex, model, xc, bits, method, threads)
+            sessions[method] = api.check_session(exported, threads)
+            row = method_row(bits, method, measure(ex, ref, outputs(sessions[method], xe), ye), exported)
             res["rows"].append(row)
             log(f"{row['bits']} {method:16s} {row['measure']} {row['value']:.4f}  +params {row['extra_params_deployed_pct']:.2f}% "
                 f"(unfolded {row['compensation_params_pct']:.2f}%)  calib {row['calib_s']:.1f}s  "
                 f"blocks kept {row['blocks_kept']}/{row['blocks_found']}")
-        sessions = {m: SessionFromOnnx(d, threads=threads, allow_spinning=False)() for m, d in deployed.items()}
         ms = interleaved_latency_ms(sessions, xe[:1], rounds=9 if quick else 21, per_round=10)
         _record_latency(res, bits, ms, log)
         del sessions
@@ -218,7 +213,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)  # api.quantize sets it too (QuantizeConfig.threads)
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "methods.json")
     res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",

@@ -3,11 +3,14 @@
     python bench/bench_minilm.py [--num-calib 256] [--methods none,bias-correction,qwt2] [--bits W8A8,W4A8]
 
 Calibration: sentences of Python's bundled pydoc topics; evaluation: 256 *other* sentences of
-the same text (disjoint, fixed split). Accuracy = cosine between the exported INT8 model's
+the same text (disjoint, fixed split). Each INT8 model is made by the public API exactly as
+``qwt-export --example minilm --target ort`` makes it (``api.quantize`` -> ``api.export``) and
+run in the session ``api.check_session`` gives it. Accuracy = cosine between that file's
 sentence embedding (ONNX Runtime) and the FP32 PyTorch embedding. Reference: onnxruntime
-``quantize_dynamic`` (QInt8, per-tensor weights, dynamic activations) on our FP32 ONNX.
-Latency: ONNX Runtime CPU, interleaved rounds in one process (allow_spinning=0), FP32 vs INT8,
-batch 1 (one sentence) and batch 8. Everything is measured in this run; nothing hard-coded.
+``quantize_dynamic`` (QInt8, per-tensor weights, dynamic activations) on our FP32 ONNX
+(``api.export_float``). Latency: ONNX Runtime CPU, interleaved rounds in one process
+(allow_spinning=0), FP32 vs INT8, batch 1 (one sentence) and batch 8. Everything is measured
+in this run; nothing hard-coded.
 """
 
 from __future__ import annotations
@@ -17,22 +20,19 @@ import collections
 import json
 import os
 import platform
-import sys
 import tempfile
-import time
 
 import numpy as np
 import onnx
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from calibration.text import split_sentences, tokenize  # noqa: E402
-from qwt_deploy.examples import minilm  # noqa: E402
-from qwt_deploy.export.qdq import export_onnx  # noqa: E402
-from qwt_deploy.load.capture import capture  # noqa: E402
-from qwt_deploy.pipeline import int8_coverage  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms  # noqa: E402
+from qwt_deploy import api
+from qwt_deploy.calibration.sequential import CalibrationSettings
+from qwt_deploy.config import QuantizeConfig
+from qwt_deploy.data.inputs import InputSet
+from qwt_deploy.data.text import split_sentences, tokenize
+from qwt_deploy.examples import minilm
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms
 
 TRANSFORMER_KEEP_FLOAT = minilm.TRANSFORMER_KEEP_FLOAT
 
@@ -58,22 +58,30 @@ def main(argv=None) -> dict:
 
     tok, model = minilm.load_tokenizer(), minilm.build()
     calib, held_out = split_sentences(a.num_calib, a.num_eval)
-    ci, cm = tokenize(tok, calib)
+    calib_inputs = InputSet(("input_ids", "attention_mask"), tokenize(tok, calib))
     ei, em = tokenize(tok, held_out)
     with torch.no_grad():
         fp = np.concatenate([model(torch.from_numpy(ei[i:i + 64]), torch.from_numpy(em[i:i + 64])).numpy()
                              for i in range(0, len(ei), 64)])
-    t0 = time.perf_counter()
-    graph = capture(minilm.export_program(model))
-    capture_s = time.perf_counter() - t0
-    fp32 = export_onnx(graph)
+
+    def deploy(bits: str, method: str) -> api.ExportedModel:
+        settings = CalibrationSettings(w_bits=int(bits[1]), a_bits=int(bits[3]), method=method, reference=a.cwac_reference)
+        cfg = QuantizeConfig(target="ort", settings=settings, num_calib=len(calib), threads=a.threads,
+                             keep_float=keep_float)
+        return api.export(api.quantize(model, calib_inputs, cfg))
+
+    runs = [(bits, method) for bits in a.bits.split(",") for method in a.methods.split(",")]
+    ready = {runs[0]: deploy(*runs[0])}
+    first = ready[runs[0]].quantized
+    fp32 = api.export_float(first)  # the captured model in FP32
     fp32_sess = SessionFromOnnx(fp32.SerializeToString(), a.threads, allow_spinning=False)()
     fp32_cos = cosines(minilm.embed_ort(fp32_sess, ei, em), fp)
     report = dict(machine=platform.processor() or platform.machine(), threads=a.threads,
                   cwac_reference=a.cwac_reference, calib_sentences=len(calib),
-                  eval_sentences=len(held_out), keep_float=list(keep_float), capture_s=capture_s,
+                  eval_sentences=len(held_out), keep_float=list(keep_float), capture_s=first.timing["load_capture"],
                   fp32_onnx_min_cosine=float(fp32_cos.min()), rows=[])
     print(f"FP32 ONNX vs PyTorch: min cosine {fp32_cos.min():.6f}; {len(calib)} calibration / {len(held_out)} held-out sentences")
+    del first
 
     # reference: ORT dynamic quantization of the same FP32 graph
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -90,30 +98,27 @@ def main(argv=None) -> dict:
     print(f"{'ort quantize_dynamic':24s} cos mean {c.mean():.5f} min {c.min():.5f}")
 
     sessions = {}
-    for bits in a.bits.split(","):
-        w_bits, a_bits = int(bits[1]), int(bits[3])
-        for method in a.methods.split(","):
-            r = minilm.quantize(model, ci, cm, method=method, w_bits=w_bits, a_bits=a_bits, keep_float=keep_float,
-                                graph=graph, reference=a.cwac_reference)
-            with tempfile.TemporaryDirectory() as td:
-                opt = os.path.join(td, "opt.onnx")
-                data = r.folded.SerializeToString()
-                sess = SessionFromOnnx(data, a.threads, optimized_model_path=opt, allow_spinning=False)()
-                ops = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
-            c = cosines(minilm.embed_ort(sess, ei, em), fp)
-            row = dict(method=method, bits=bits, cos_mean=float(c.mean()), cos_min=float(c.min()),
-                       cos_p05=float(np.percentile(c, 5)), calibrate_s=r.seconds["calibrate"],
-                       export_fold_s=r.seconds["export_fold"], folded_layers=r.n_folded, size_mb=len(data) / 1e6,
-                       integer_kernels={k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul",
-                                                                               "QGemm", "MatMulInteger", "QLinearAdd")},
-                       float_matmuls=ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) + ops.get("Gemm", 0),
-                       coverage=int8_coverage(onnx.load_from_string(data)) if False else None)
-            report["rows"].append(row)
-            print(f"{method + ' ' + bits:24s} cos mean {c.mean():.5f} min {c.min():.5f} p5 {row['cos_p05']:.5f} "
-                  f"calib {row['calibrate_s']:.1f}s kernels {row['integer_kernels']} float matmuls {row['float_matmuls']}",
-                  flush=True)
-            if bits == "W8A8" and method == a.methods.split(",")[-1]:
-                sessions["int8"] = sess
+    for bits, method in runs:
+        ex = ready.pop((bits, method), None) or deploy(bits, method)
+        with tempfile.TemporaryDirectory() as td:
+            opt = os.path.join(td, "opt.onnx")
+            sess = api.check_session(ex, a.threads, optimized_model_path=opt)
+            optimized = onnx.load(opt)
+        ops = collections.Counter(n.op_type for n in optimized.graph.node)
+        c = cosines(minilm.embed_ort(sess, ei, em), fp)
+        row = dict(method=method, bits=bits, cos_mean=float(c.mean()), cos_min=float(c.min()),
+                   cos_p05=float(np.percentile(c, 5)), calibrate_s=ex.quantized.result.seconds,
+                   export_fold_s=ex.seconds, folded_layers=ex.n_folded, size_mb=len(ex.data) / 1e6,
+                   integer_kernels={k: v for k, v in ops.items() if k in ("MatMulIntegerToFloat", "QLinearMatMul",
+                                                                           "QGemm", "MatMulInteger", "QLinearAdd")},
+                   float_matmuls=ops.get("MatMul", 0) + ops.get("FusedMatMul", 0) + ops.get("Gemm", 0),
+                   coverage=ex.quantized.target.coverage(optimized))
+        report["rows"].append(row)
+        print(f"{method + ' ' + bits:24s} cos mean {c.mean():.5f} min {c.min():.5f} p5 {row['cos_p05']:.5f} "
+              f"calib {row['calibrate_s']:.1f}s kernels {row['integer_kernels']} float matmuls {row['float_matmuls']}",
+              flush=True)
+        if bits == "W8A8" and method == a.methods.split(",")[-1]:
+            sessions["int8"] = sess
     if not a.no_latency and sessions:
         sessions["fp32"] = fp32_sess
         sessions["ort_dynamic"] = dyn_sess

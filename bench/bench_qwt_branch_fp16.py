@@ -1,11 +1,13 @@
 """QwT (v1) branches in FP16 for --target trt: what FP16 costs and whether the CPU check holds.
 
 For each Fashion-MNIST example (CNN: 1x1 Conv branches; ViT: D x D MatMul branches), at W8A8
-and W4A8, methods qwt and qwt,qwt2, --target trt:
+and W4A8, methods qwt and qwt,qwt2, --target trt, each file made by the public API as
+``qwt-export --target trt`` makes it (``api.quantize`` -> ``api.export``):
 
 - test accuracy of the PyTorch simulation with FP16 branches (what TensorRT runs) and, for
-  comparison, of the same pipeline calibrated and simulated with FP32 branches;
-- ONNX Runtime on the check copy (pipeline.trt_float_simulation: integer accumulators + FP16
+  comparison, of the same pipeline calibrated and simulated with FP32 branches (the trt target
+  with ``branch_precision="fp32"``: ``dataclasses.replace(TRT, branch_precision="fp32")``);
+- ONNX Runtime on the check copy (``api.check_session``: integer accumulators + FP16
   branches emulated as FP32 sums of FP16-rounded values) vs the simulation: fraction of output
   elements within 1 output step, max steps;
 - the same without the FP16 emulation (ORT's CPU provider then silently drops the FP16
@@ -20,6 +22,7 @@ No latency: TensorRT is not installable here and ORT CPU timings say nothing abo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,41 +31,21 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qwt_deploy import api
+from qwt_deploy.calibration.sequential import CalibrationSettings
+from qwt_deploy.comparison.agreement import compare
+from qwt_deploy.config import QuantizeConfig
+from qwt_deploy.examples import EXAMPLES
+from qwt_deploy.graph_passes.rewrite_layers_as_integer_accumulators import rewrite_layers_as_integer_accumulators
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, run
+from qwt_deploy.targets import TRT
 
-import calibration.qwt_branch as qwt_branch  # noqa: E402
-from calibration.data import batches  # noqa: E402
-from calibration.qwt_branch import compensation_summary, with_qwt_branches  # noqa: E402
-from calibration.sequential import CalibrationSettings, calibrate  # noqa: E402
-from graph_passes import fold_cwac_into_weight_scales  # noqa: E402
-from graph_passes.rewrite_layers_as_integer_accumulators import rewrite_layers_as_integer_accumulators  # noqa: E402
-from qwt_deploy.check.agreement import compare  # noqa: E402
-from qwt_deploy.examples import EXAMPLES  # noqa: E402
-from qwt_deploy.export.qdq import export_onnx  # noqa: E402
-from qwt_deploy.load.capture import capture, export_program  # noqa: E402
-from qwt_deploy.pipeline import trt_float_simulation  # noqa: E402
-from qwt_deploy.quantize.placement import plan_for_trt  # noqa: E402
-from qwt_deploy.quantize.simulate import SimulatedModel  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, run  # noqa: E402
+# --target trt with the QwT branches in each precision (the fp32 one exists only for this comparison)
+TARGETS = {"fp16": TRT, "fp32": dataclasses.replace(TRT, branch_precision="fp32")}
 
 
 def _batched(fn, x, bs=500):
     return np.concatenate([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
-
-
-def _deployed(graph0, xc, bits, method, precision):
-    """Calibrate + export for trt with the given branch precision (patched per run)."""
-    saved = dict(qwt_branch.BRANCH_PRECISION)
-    qwt_branch.BRANCH_PRECISION["trt"] = precision
-    try:
-        g = with_qwt_branches(graph0, method)
-        plan = plan_for_trt(g)
-        r = calibrate(g, plan, batches(xc, 32), CalibrationSettings(w_bits=bits[0], a_bits=bits[1], method=method))
-        folded, _ = fold_cwac_into_weight_scales(export_onnx(g, plan, r.params))
-    finally:
-        qwt_branch.BRANCH_PRECISION.clear()
-        qwt_branch.BRANCH_PRECISION.update(saved)
-    return g, plan, r, folded
 
 
 def bench_example(name, quick, threads, log):
@@ -73,33 +56,38 @@ def bench_example(name, quick, threads, log):
         xe, ye = ex.evaluation(2000 if quick else None, 1)
     except Exception as e:  # missing dataset package: say so, do not fail the other example
         return dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    graph0 = capture(export_program(model, torch.zeros((2,) + tuple(ex.input_shape))))
     rows = []
     for bits in ((8, 8), (4, 8)):
         for method in ("qwt", "qwt,qwt2"):
             row = dict(example=name, bits=f"W{bits[0]}A{bits[1]}", method=method, eval_samples=int(len(xe)))
-            for precision in ("fp16", "fp32"):
+            for precision, target in TARGETS.items():
                 t = time.perf_counter()
-                g, plan, r, folded = _deployed(graph0, xc, bits, method, precision)
-                sim = SimulatedModel(g, plan, r.params)
+                cfg = QuantizeConfig(target=target, settings=CalibrationSettings(w_bits=bits[0], a_bits=bits[1],
+                                                                                 method=method),
+                                     num_calib=len(xc), threads=threads, example_shape=tuple(ex.input_shape))
+                qm = api.quantize(model, xc, cfg)
+                exported = api.export(qm)
+                sim = qm.simulation()
                 with torch.no_grad():
                     ref = _batched(lambda b: sim(torch.from_numpy(b)).numpy(), xe)
-                comp = compensation_summary(g, r)
+                comp = api.model_report(exported)["compensation"]
                 row[f"sim_accuracy_{precision}"] = float((ref.argmax(1) == ye).mean())
                 row[f"branch_bytes_{precision}"] = comp["branch_bytes"]
-                row[f"file_bytes_{precision}"] = len(folded.SerializeToString())
-                row[f"calib_s_{precision}"] = r.seconds
+                row[f"file_bytes_{precision}"] = len(exported.data)
+                row[f"calib_s_{precision}"] = qm.result.seconds
                 if precision == "fp16":
                     row.update(branch_params=comp["branch_params"], blocks_kept=comp["blocks_kept"],
                                blocks_found=comp["blocks_found"], branch_precision=comp["branch_precision"])
-                    sess = trt_float_simulation(folded, threads)
+                    sess = api.check_session(exported, threads)
                     got = _batched(lambda b: run(sess, b), xe)
                     a = compare(ref, got)
                     row.update(check_within_1_step=a.within_1_step, check_max_steps=a.max_steps,
                                check_accuracy=float((got.argmax(1) == ye).mean()))
-                    rw, _ = rewrite_layers_as_integer_accumulators(folded)  # no FP16 emulation
-                    plain = SessionFromOnnx(rw.SerializeToString(), threads, allow_spinning=False, level="disable",
-                                            disable_qdq_fusion=True)()
+                    # the check copy without its FP16 emulation (TRT.runtime_copy minus emulate_fp16_in_fp32),
+                    # in the check's session settings
+                    rw, _ = rewrite_layers_as_integer_accumulators(exported.folded)
+                    plain = SessionFromOnnx(rw.SerializeToString(), threads, allow_spinning=False,
+                                            **target.session_settings())()
                     b = compare(ref, _batched(lambda x: run(plain, x), xe))
                     row.update(no_emulation_within_1_step=b.within_1_step, no_emulation_max_steps=b.max_steps)
                 row[f"wall_s_{precision}"] = time.perf_counter() - t

@@ -24,10 +24,11 @@ sums are added in float64. Nothing but 6 vectors of length C is kept per layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+
+from qwt_deploy.quantization.compensation import AffineFit
+from qwt_deploy.quantization.simulate import apply_affine
 
 
 class ChannelStats:
@@ -69,19 +70,6 @@ class ChannelStats:
                 var_q.clamp_min(0), cov, var_f.clamp_min(0))
 
 
-@dataclass
-class AffineFit:
-    alpha: np.ndarray  # float32 [C]
-    beta: np.ndarray  # float32 [C]
-    mse_before: float  # mean over channels of E[(y_fp - y_q)^2]
-    mse_after: float  # same after compensation
-    var_fp: float  # mean over channels of Var(y_fp), for SQNR-style normalization
-
-    @property
-    def error_reduction(self) -> float:
-        return 1.0 - self.mse_after / self.mse_before if self.mse_before > 0 else 0.0
-
-
 def _mse(alpha, beta, mq, mf, var_q, cov, var_f):
     # E[(y_f - a y_q - b)^2] from the centered moments
     d = mf - alpha * mq - beta
@@ -106,3 +94,26 @@ def fit_affine(stats: ChannelStats, ridge: float, fix_alpha: bool = False) -> Af
         mse_after=float(after.clamp_min(0).mean()),
         var_fp=float(var_f.mean()),
     )
+
+
+class ChannelAffineCompensation:
+    """QwT-v2 CWAC as a calibration algorithm: collect :meth:`statistics` of (y_q, y_fp) per
+    output channel, :meth:`solve` the closed form, :meth:`apply` ``alpha * y + beta``.
+    :func:`qwt_deploy.calibration.sequential.calibrate` dispatches these three steps per
+    weighted layer; the fit is folded into the layer's weight scale and bias at export."""
+
+    fix_alpha = False  # bias correction: see qwt_deploy.calibration.bias_correction
+
+    def __init__(self, ridge: float = 1e-3):
+        self.ridge = ridge
+
+    def statistics(self, channel_dim: int) -> ChannelStats:
+        return ChannelStats(channel_dim)
+
+    def solve(self, stats: ChannelStats) -> AffineFit:
+        return fit_affine(stats, self.ridge, fix_alpha=self.fix_alpha)
+
+    @staticmethod
+    def apply(y: torch.Tensor, fit: AffineFit, channel_dim: int = 1, shift=None) -> torch.Tensor:
+        """``alpha * y + beta`` per channel (``shift`` replaces beta when given)."""
+        return apply_affine(y, fit, channel_dim, shift)

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import torch
 
-from qwt_deploy.quantize.fake_quant import ActQuant, act_quant_from_range
+from qwt_deploy.quantization.fake_quant import ActQuant, act_quant_from_range
 
 BINS = 2048
 

@@ -31,8 +31,8 @@ R² = 1 - SS_res / SS_tot with SS_tot around the per-output-channel mean of the 
 summed over all entries (the reference code's definition). A branch is kept only if R² > 0;
 otherwise it is zero and is not exported: QwT's rule that a branch may only help.
 
-Branch precision (per target, :data:`BRANCH_PRECISION`)
---------------------------------------------------------
+Branch precision (per target: ``Target.branch_precision``)
+-----------------------------------------------------------
 - ``--target ort``: FP32. ONNX Runtime's CPU provider has no FP16 Conv/MatMul kernels on
   x86 (it inserts Casts and computes in FP32, measured with ORT 1.32), so FP16 there would
   only add two Casts per branch and rounding, and save nothing but file size.
@@ -65,16 +65,7 @@ from qwt_deploy.graph.blocks import QWT_BRANCH, detect_blocks, insert_qwt_branch
 from qwt_deploy.graph.ir import Graph, Node
 from qwt_deploy.graph.ops import OPS
 
-METHOD_PARTS = ("none", "bias-correction", "qwt", "qwt2")
-
-# QwT branch arithmetic per target (see the module docstring for why): "fp32" | "fp16"
-BRANCH_PRECISION = {"ort": "fp32", "trt": "fp16"}
 _BYTES_PER_PARAM = {"fp32": 4, "fp16": 2}
-
-
-def branch_precision(target: str) -> str:
-    """The precision the ``target`` backend runs QwT branches in (FP32 if unknown)."""
-    return BRANCH_PRECISION.get(target, "fp32")
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -82,25 +73,8 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.half().float()
 
 
-def method_parts(method: str) -> set[str]:
-    """``"qwt,qwt2"`` -> {"qwt", "qwt2"}."""
-    return {p.strip() for p in method.split(",") if p.strip()}
-
-
-def uses_branches(method: str) -> bool:
-    return "qwt" in method_parts(method)
-
-
-def uses_cwac(method: str) -> bool:
-    """Per-layer compensation (CWAC, or bias correction = CWAC with alpha fixed at 1)."""
-    return bool(method_parts(method) & {"qwt2", "bias-correction"})
-
-
-def with_qwt_branches(graph: Graph, method: str, blocks: str = "auto") -> Graph:
-    """The graph calibration and export should use: with a ``qwt_branch`` node per block when
-    ``method`` includes qwt, else ``graph`` itself."""
-    if not uses_branches(method):
-        return graph
+def with_qwt_branches(graph: Graph, blocks: str = "auto") -> Graph:
+    """The graph calibration and export use with QwT (v1): a ``qwt_branch`` node per block."""
     try:
         found = detect_blocks(graph, blocks)
     except re.error as e:
@@ -286,7 +260,7 @@ def fit_block_branch(graph: Graph, node: Node, ins: list[list[torch.Tensor]], ri
     """Fit the branch of the ``qwt_branch`` node ``node``. ``ins[k]`` holds, per calibration
     batch, what the node reads on its input k: X_q (the kept block input), Y_q (the block
     output as the branch reads it), then side inputs (e.g. an attention mask). ``precision``
-    (:func:`branch_precision` of the target) is what the deployed branch computes in: the
+    (``Target.branch_precision``) is what the deployed branch computes in: the
     fit is solved in float64 either way, and ``BranchFit.apply`` then computes what the
     backend runs, so calibration continues with the deployed value. An FP16 branch that could
     overflow (:func:`fits_fp16`) is kept in FP32."""
@@ -345,3 +319,33 @@ def compensation_summary(graph: Graph, result) -> dict:
         extra_params_deployed=branch, extra_params_deployed_pct=100.0 * branch / base if base else 0.0,
         compensation_params_pct=100.0 * (branch + cwac) / base if base else 0.0,
     )
+
+
+class QwtBlockBranches:
+    """QwT (v1) as a calibration algorithm. :meth:`prepare` adds a ``qwt_branch`` node per block
+    to the graph; for each such node, :meth:`statistics` streams the normal equations of
+    ``Y_fp - Y_q`` on ``[X_q, 1]`` (:meth:`fit` runs the FP block to get Y_fp), :meth:`solve`
+    gives the closed form, and :meth:`apply` adds ``W·X_q + b`` to the block output in the
+    deployed precision. ``precision`` is the target's (``Target.branch_precision``)."""
+
+    def __init__(self, ridge: float = 1e-3, group_channels: int = 64, blocks: str = "auto",
+                 precision: str = "fp32"):
+        if precision not in _BYTES_PER_PARAM:
+            raise ValueError(f"branch precision {precision!r} is not one of {sorted(_BYTES_PER_PARAM)}")
+        self.ridge, self.group_channels, self.blocks, self.precision = ridge, group_channels, blocks, precision
+
+    def prepare(self, graph: Graph) -> Graph:
+        return with_qwt_branches(graph, self.blocks)
+
+    def statistics(self, x: torch.Tensor, y: torch.Tensor) -> BranchStats:
+        return _stats_for(x, y, self.group_channels)
+
+    def solve(self, stats: BranchStats) -> BranchFit:
+        return stats.solve(self.ridge)
+
+    @staticmethod
+    def apply(fit: BranchFit, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return fit.apply(x, y)
+
+    def fit(self, graph: Graph, node: Node, ins: list[list[torch.Tensor]]) -> tuple[BranchFit, BlockReport]:
+        return fit_block_branch(graph, node, ins, self.ridge, self.group_channels, self.precision)

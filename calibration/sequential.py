@@ -6,7 +6,7 @@ network, block after block. We do the same per layer, in topological order:
 1. For each node, run it over every calibration batch, using the quantized (and already
    compensated) values of its inputs.
 2. For a weighted layer, also run the full-precision layer on the same input and stream
-   per-channel moments of (y_q, y_fp) into a :class:`~calibration.cwac.ChannelStats`; solve
+   per-channel moments of (y_q, y_fp) into a :class:`~qwt_deploy.calibration.cwac.ChannelStats`; solve
    CWAC (or bias correction) in closed form; apply it.
 3. If the node's output carries a quantizer, observe its range over all batches, then
    quantize. Only then move on: the next node sees exactly what the deployed graph computes.
@@ -24,41 +24,63 @@ block-level fit does (its FP block runs with activation quantizers off).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
 import torch
 
 from qwt_deploy.graph.ir import Graph
 from qwt_deploy.graph.ops import OPS, Role
-from qwt_deploy.quantize.fake_quant import fit_weight_scale_to_int32_bias, quantize_weight, symmetric_act_quant
-from qwt_deploy.quantize.placement import QuantPlan
-from qwt_deploy.quantize.simulate import QuantParams, apply_affine, channel_dim, deployed_weights, quantized_weights
+from qwt_deploy.quantization.fake_quant import fit_weight_scale_to_int32_bias, quantize_weight, symmetric_act_quant
+from qwt_deploy.quantization.placement import QuantPlan
+from qwt_deploy.quantization.simulate import QuantParams, channel_dim, deployed_weights, quantized_weights
 
-from .cwac import ChannelStats, fit_affine
-from .qwt_branch import BlockReport, branch_precision, fit_block_branch, uses_cwac
 from qwt_deploy.graph.blocks import QWT_BRANCH
+
+from .bias_correction import BiasCorrection
+from .cwac import ChannelAffineCompensation
+from .method import LayerCompensation, Method
 from .observers import observe
+from .qwt_branch import BlockReport, QwtBlockBranches
 
 
 @dataclass
 class CalibrationSettings:
     w_bits: int = 8
     a_bits: int = 8
-    # activation observer: minmax | percentile | mse | auto. auto = minmax for ort (uint8
-    # asymmetric: min-max uses the whole grid) and mse for trt, whose symmetric INT8 spends half
-    # its codes on negatives a ReLU6 output never has; clipping outliers wins the resolution back
-    # (Lite0 W8A8 qwt2, 525 held-out crops: trt minmax 0.9714, trt mse 0.9829, ort minmax 0.9810)
+    # activation observer: minmax | percentile | mse | auto. "auto" is the target's choice
+    # (Target.default_observer), resolved by the API before calibration starts
     calib_method: str = "auto"
     percentile: float = 99.99
     weight_observer: str = "auto"  # minmax | mse | auto (mse below 8 bits)
-    method: str = "qwt2"  # none | bias-correction | qwt | qwt2 | qwt,qwt2
+    method: Method = field(default_factory=Method)  # Method.parse("qwt,qwt2") etc.
     ridge: float = 1e-3
     reference: str = "same-input"  # same-input | float-input
     # QwT (v1) block branches (calibration/qwt_branch.py), for methods that include "qwt"
     qwt_ridge: float = 1e-3  # relative to the block input's mean variance; 0 = plain least squares
     qwt_group_channels: int = 64  # CNN branch: input channels per group of the 1x1 conv (0 = dense)
     qwt_blocks: str = "auto"  # block rule: auto | residual | a regex on node names (graph/blocks.py)
+    # what the deployed QwT branches compute in: the target's (Target.branch_precision)
+    branch_precision: str = "fp32"
+
+    def __post_init__(self):
+        self.method = Method.parse(self.method)
+
+    def layer_algorithm(self) -> Optional[ChannelAffineCompensation]:
+        """The per-layer algorithm ``method`` names (None: plain PTQ)."""
+        return {LayerCompensation.NONE: None, LayerCompensation.CWAC: ChannelAffineCompensation(self.ridge),
+                LayerCompensation.BIAS_CORRECTION: BiasCorrection(self.ridge)}[self.method.layer]
+
+    def block_algorithm(self) -> Optional[QwtBlockBranches]:
+        """QwT (v1) block branches if ``method`` asks for them."""
+        if not self.method.block_branches:
+            return None
+        return QwtBlockBranches(self.qwt_ridge, self.qwt_group_channels, self.qwt_blocks, self.branch_precision)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["method"] = str(self.method)
+        return d
 
 
 @dataclass
@@ -93,11 +115,13 @@ def _scaled(bias: Optional[torch.Tensor], alpha) -> torch.Tensor | float:
     return 0.0 if bias is None else bias * torch.from_numpy(alpha).to(bias.dtype)
 
 
-def activation_observer(settings: CalibrationSettings, plan: QuantPlan) -> str:
-    """The observer ``calib_method`` names, with ``auto`` resolved for the plan's target."""
-    if settings.calib_method != "auto":
-        return settings.calib_method
-    return "mse" if plan.target == "trt" else "minmax"
+def activation_observer(settings: CalibrationSettings) -> str:
+    """The observer ``calib_method`` names; "auto" must have been resolved for the target."""
+    if settings.calib_method == "auto":
+        from qwt_deploy.errors import InternalError
+
+        raise InternalError("calib_method 'auto' reached calibrate(): resolve it with Target.observer() first")
+    return settings.calib_method
 
 
 def _sqnr_db(var: float, mse: float) -> float:
@@ -127,7 +151,10 @@ def calibrate(
     quant: dict[str, list[torch.Tensor]] = {}  # what readers see
     ref: dict[str, list[torch.Tensor]] = {}  # pre-quantizer values (float-input reference)
     raw: dict[str, list[torch.Tensor]] = {}  # float values that some readers read unquantized (trt edges)
-    keep_ref = s.reference == "float-input" and uses_cwac(s.method)
+    layer_alg = s.layer_algorithm()
+    branch_alg = s.block_algorithm()
+    observer = activation_observer(s)
+    keep_ref = s.reference == "float-input" and layer_alg is not None
     last = graph.last_use()
     reports: list[LayerReport] = []
     block_reports: list[BlockReport] = []
@@ -136,7 +163,7 @@ def calibrate(
         if plan.is_quantized(value):
             root = plan.root(value)
             if root == value and value not in params.acts:  # preset: a skipped QwT branch reuses Y's
-                params.acts[value] = observe(ys, activation_observer(s, plan), s.a_bits, s.percentile)
+                params.acts[value] = observe(ys, observer, s.a_bits, s.percentile)
                 if plan.signed_activations:  # TensorRT: zero point 0
                     params.acts[value] = symmetric_act_quant(params.acts[value])
             else:
@@ -170,18 +197,18 @@ def calibrate(
                         params.weights[n.name], n.weight, n.bias, params.acts[n.inputs[0]].scale)
                 wq, bq = quantized_weights(n, params)
                 ys = [spec.forward(n, [x], wq, bq) for x in ins[0]]
-                if uses_cwac(s.method):
-                    stats = ChannelStats(channel_dim(n))
+                if layer_alg is not None:  # statistics -> solve -> apply
+                    stats = layer_alg.statistics(channel_dim(n))
                     refs = ref.get(n.inputs[0], ins[0]) if keep_ref else ins[0]
                     for y, x in zip(ys, refs):
                         stats.update(y, spec.forward(n, [x], n.weight, n.bias))
-                    fit = fit_affine(stats, s.ridge, fix_alpha=(s.method == "bias-correction"))
+                    fit = layer_alg.solve(stats)
                     params.cwac[n.name] = fit
                     # continue with the folded layer, what the deployed graph computes: its
                     # re-rounded bias differs from alpha*b+beta (see fold_arithmetic). Computed
                     # as alpha*y + shift rather than a second convolution pass, to save time.
                     _, bd = deployed_weights(n, params)
-                    ys = [apply_affine(y, fit, channel_dim(n), shift=bd - _scaled(bq, fit.alpha)) for y in ys]
+                    ys = [layer_alg.apply(y, fit, channel_dim(n), shift=bd - _scaled(bq, fit.alpha)) for y in ys]
                     reports.append(LayerReport(
                         name=n.name, op=n.op, channels=len(fit.alpha),
                         alpha_min=float(fit.alpha.min()), alpha_mean=float(fit.alpha.mean()),
@@ -198,11 +225,14 @@ def calibrate(
                 # and let settle() put Y' through its own quantizer (ort) before any reader.
                 # fit.apply computes in the target's branch precision (FP16 for trt), so later
                 # fits see the value the backend runs.
-                fit, rep = fit_block_branch(graph, n, ins, s.qwt_ridge, s.qwt_group_channels,
-                                            precision=branch_precision(plan.target))
+                if branch_alg is None:
+                    from qwt_deploy.errors import InternalError
+
+                    raise InternalError(f"{n.name}: a QwT branch node in a graph calibrated with --method {s.method}")
+                fit, rep = branch_alg.fit(graph, n, ins)
                 params.branches[n.name] = fit
                 block_reports.append(rep)
-                ys = [fit.apply(x, y) for x, y in zip(ins[0], ins[1])]
+                ys = [branch_alg.apply(fit, x, y) for x, y in zip(ins[0], ins[1])]
                 y_v = n.inputs[1]
                 if not fit.kept and plan.is_quantized(n.output) and plan.root(n.output) == n.output \
                         and plan.sees_quantized(y_v, n.name):

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .helpers import const, optional_input, producer
+
 ERROR, WARNING = "error", "warning"
 
 # element types TensorRT accepts as quantized types (NvInfer.h: kINT8, kFP8, kINT4, kFP4)
@@ -64,27 +66,11 @@ class Rule:
 
 
 # --- helpers -----------------------------------------------------------------------------
-
-def _const(t) -> Optional[np.ndarray]:
-    """The value of a build-time constant: an initializer, a Constant node, or Constant->Cast."""
-    if isinstance(t, gs.Constant):
-        return np.asarray(t.values)
-    if len(t.inputs) == 1:
-        p = t.inputs[0]
-        if p.op == "Constant" and "value" in p.attrs:
-            v = p.attrs["value"]
-            return np.asarray(v.values if isinstance(v, gs.Constant) else v)
-        if p.op == "Cast" and p.inputs:
-            v = _const(p.inputs[0])
-            if v is not None and "to" in p.attrs:
-                return v.astype(onnx.helper.tensor_dtype_to_np_dtype(int(p.attrs["to"])))
-    return None
-
+# Constants here are build-time constants (helpers.const(build_time=True)): TensorRT's parser
+# folds a Constant node and a Constant -> Cast chain, so a scale given that way is constant.
 
 def _dtype_name(t) -> Optional[str]:
-    if isinstance(t, gs.Constant):
-        return str(np.asarray(t.values).dtype)
-    v = _const(t)
+    v = const(t, build_time=True)
     if v is not None:
         return str(v.dtype)
     dt = getattr(t, "dtype", None)
@@ -96,29 +82,22 @@ def _dtype_name(t) -> Optional[str]:
         return str(dt)
 
 
-def _producer(t) -> Optional[gs.Node]:
-    return t.inputs[0] if len(getattr(t, "inputs", [])) == 1 else None
-
-
 def _is_qdq(n: gs.Node) -> bool:
     return n.op in ("QuantizeLinear", "DequantizeLinear")
 
 
 def _scale(n: gs.Node) -> Optional[np.ndarray]:
-    return _const(n.inputs[1]) if len(n.inputs) > 1 else None
+    return const(n.inputs[1], build_time=True) if len(n.inputs) > 1 else None
 
 
 def _zero_point(n: gs.Node) -> Optional[np.ndarray]:
-    return _const(n.inputs[2]) if len(n.inputs) > 2 and not _empty(n.inputs[2]) else None
-
-
-def _empty(t) -> bool:
-    return isinstance(t, gs.Variable) and not t.name
+    zp = optional_input(n, 2)
+    return None if zp is None else const(zp, build_time=True)
 
 
 def _quant_type(n: gs.Node) -> Optional[str]:
     """The quantized element type of a Q (its output) or DQ (its input)."""
-    if len(n.inputs) > 2 and not _empty(n.inputs[2]):
+    if optional_input(n, 2) is not None:
         return _dtype_name(n.inputs[2])
     if n.op == "DequantizeLinear":
         return _dtype_name(n.inputs[0])
@@ -132,28 +111,28 @@ def _is_weight_dq(n: gs.Node) -> bool:
     if n.op != "DequantizeLinear":
         return False
     src = n.inputs[0]
-    if _const(src) is not None:
+    if const(src, build_time=True) is not None:
         return True
-    q = _producer(src)
-    return q is not None and q.op == "QuantizeLinear" and _const(q.inputs[0]) is not None
+    q = producer(src, "QuantizeLinear")
+    return q is not None and const(q.inputs[0], build_time=True) is not None
 
 
 def _activation_dq(t) -> Optional[gs.Node]:
     """The DQ that produces ``t`` if it dequantizes an activation (not a constant weight)."""
-    p = _producer(t)
-    if p is not None and p.op == "DequantizeLinear" and not _is_weight_dq(p):
+    p = producer(t, "DequantizeLinear")
+    if p is not None and not _is_weight_dq(p):
         return p
     return None
 
 
 def _q_source(dq: gs.Node) -> Optional[gs.Node]:
     """For DQ(Q(x)): the node producing x, looking through fused activations."""
-    q = _producer(dq.inputs[0])
-    if q is None or q.op != "QuantizeLinear":
+    q = producer(dq.inputs[0], "QuantizeLinear")
+    if q is None:
         return None
-    p = _producer(q.inputs[0])
+    p = producer(q.inputs[0])
     while p is not None and p.op in _TRANSPARENT:
-        p = _producer(p.inputs[0])
+        p = producer(p.inputs[0])
     return p
 
 
@@ -162,7 +141,8 @@ def _expected_weight_axis(dq: gs.Node) -> Optional[tuple[str, int]]:
     out = dq.outputs[0]
     for c in out.outputs:
         if c.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(c.inputs) > 1 and c.inputs[1] is out:
-            rank = len(np.shape(_const(dq.inputs[0]))) if _const(dq.inputs[0]) is not None else None
+            w = const(dq.inputs[0], build_time=True)
+            rank = None if w is None else w.ndim
             if c.op == "Conv":
                 return c.op, 0
             if c.op == "ConvTranspose":
@@ -179,7 +159,7 @@ def _expected_weight_axis(dq: gs.Node) -> Optional[tuple[str, int]]:
 def check_zero_point(n: gs.Node, ctx: _Context):
     """TensorRT supports symmetric quantization only: every Q/DQ zero point must be 0, and a
     build-time constant (an initializer, Constant, or Constant->Cast), or the build fails."""
-    if len(n.inputs) <= 2 or _empty(n.inputs[2]):
+    if optional_input(n, 2) is None:
         return
     zp = _zero_point(n)
     if zp is None:
@@ -241,7 +221,7 @@ def check_per_channel(n: gs.Node, ctx: _Context):
     s = _scale(n)
     if s is None or s.size <= 1:
         return
-    data = _const(n.inputs[0])
+    data = const(n.inputs[0], build_time=True)
     is_weight = data is not None or (n.op == "DequantizeLinear" and _is_weight_dq(n))
     if not is_weight:
         yield ("per-channel scale on an activation", "quantize activations per tensor (one scalar scale)")
@@ -336,8 +316,8 @@ def check_pad_conv(n: gs.Node, ctx: _Context):
     """TensorRT fuses Pad into the following Conv. A Q/DQ pair between them blocks that
     fusion and leaves a separate Pad layer; quantize before the Pad (it commutes with Q/DQ
     when the zero point is 0) or fold the padding into the Conv's ``pads``."""
-    p = _producer(n.inputs[0])
-    if p is None or p.op != "Pad":
+    p = producer(n.inputs[0], "Pad")
+    if p is None:
         return
     for dq in n.outputs[0].outputs:
         if dq.op == "DequantizeLinear" and any(c.op == "Conv" for c in dq.outputs[0].outputs):
@@ -351,8 +331,8 @@ def check_weighted_inputs(n: gs.Node, ctx: _Context):
     Q/DQ pair only adds rounding error."""
     if len(n.inputs) < 2:
         return
-    a = _producer(n.inputs[0]) is not None and _producer(n.inputs[0]).op == "DequantizeLinear"
-    w = _producer(n.inputs[1]) is not None and _producer(n.inputs[1]).op == "DequantizeLinear"
+    a = producer(n.inputs[0], "DequantizeLinear") is not None
+    w = producer(n.inputs[1], "DequantizeLinear") is not None
     if a != w:
         which = "input" if not a else "weight"
         yield (f"{n.op} has a quantized {'weight' if w else 'input'} but a float {which}: it runs in float",
@@ -381,6 +361,10 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+# Pass check_trt_rules (read-only, no run_pass: nothing is exported):
+#   selector: each Rule.select over every node, in graph order (plus the model-level opset rule);
+#   action: Rule.check yields (message, fix) findings; the graph is never changed.
+# Preconditions: any ONNX model; types come from onnx.shape_inference when it succeeds.
 def check_trt_rules(model: "onnx.ModelProto | str") -> list[Finding]:
     """All findings for ``model`` (a ModelProto or a path), errors first, in graph order."""
     if isinstance(model, str):

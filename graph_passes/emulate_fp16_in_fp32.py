@@ -11,7 +11,7 @@ becomes
 
 Every value the node reads is still exactly the FP16 value, the product sums are FP32 and
 the result is rounded once to FP16: what TensorRT's FP16 tensor-core kernels compute (FP16
-operands, FP32 accumulation, FP16 output) and what ``calibration.qwt_branch.BranchFit.apply``
+operands, FP32 accumulation, FP16 output) and what ``qwt_deploy.calibration.qwt_branch.BranchFit.apply``
 simulates. Why a rewrite: ONNX Runtime 1.32's x86 CPU provider has no FP16 Conv/MatMul
 kernels; it inserts "precision free" Casts around the node and then drops them together
 with the graph's own ``Cast(-> float16)``, so the FP16 rounding of the input and of the
@@ -31,6 +31,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .helpers import const
+from .scaffold import apply_all, run_pass
+
 # element-wise / linear ops whose output type is their input type (ONNX type constraint T)
 TYPE_PRESERVING_OPS = frozenset({"Conv", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Clip"})
 
@@ -42,7 +45,8 @@ class _Match:
 
 
 def _is_fp16_constant(t) -> bool:
-    return isinstance(t, gs.Constant) and np.asarray(t.values).dtype == np.float16
+    v = const(t)
+    return v is not None and v.dtype == np.float16
 
 
 def fp16_values(graph: gs.Graph) -> set[str]:
@@ -89,16 +93,20 @@ def rewrite_match(graph: gs.Graph, m: _Match, widened: dict[str, gs.Constant]) -
     graph.nodes.append(gs.Node("Cast", f"{name}/fp16_round", {"to": onnx.TensorProto.FLOAT16}, [acc], [out]))
 
 
+# Pass emulate_fp16_in_fp32 (check copies only):
+#   selector select_fp16_compute: a TYPE_PRESERVING_OPS node with an FP16 input, FP16-ness
+#     propagated by fp16_values over the topologically sorted graph;
+#   action rewrite_match: Cast each FP16 input to FP32 (constants widened once, by value),
+#     compute in FP32, Cast(-> float16) into the original output tensor.
+# Preconditions: see the module docstring (FP16 values come from Cast(to=FLOAT16) or float16
+# constants; the selected ops give their output their float inputs' type).
 def emulate_fp16_in_fp32(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """The rewritten copy of ``model`` and how many FP16 nodes were rewritten."""
-    graph = gs.import_onnx(model)
-    graph.toposort()
-    half = fp16_values(graph)
-    matches = [m for m in (select_fp16_compute(n, half) for n in list(graph.nodes)) if m is not None]
-    widened: dict[str, gs.Constant] = {}
-    for m in matches:
-        rewrite_match(graph, m, widened)
-    graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    return out, len(matches)
+    def emulate_all(graph: gs.Graph) -> int:
+        graph.toposort()  # fp16_values propagates in graph order
+        half = fp16_values(graph)
+        widened: dict[str, gs.Constant] = {}
+        return len(apply_all(graph, lambda n: select_fp16_compute(n, half),
+                             lambda g, m: rewrite_match(g, m, widened)))
+
+    return run_pass(model, emulate_all)

@@ -30,7 +30,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qwt_deploy.quantize.fold_arithmetic import fold_affine, int32_bias_codes
+from qwt_deploy.quantization.fold_arithmetic import fold_affine, int32_bias_codes
+
+from .helpers import const, int8_weight_dq, producer
+from .scaffold import apply_all, run_pass
 
 _LAYERS = ("Conv", "Gemm")
 
@@ -45,33 +48,14 @@ class _Match:
     beta: np.ndarray
 
 
-def _const(t) -> Optional[np.ndarray]:
-    return t.values if isinstance(t, gs.Constant) else None
-
-
 def _channel_vector(t, channels: int) -> Optional[np.ndarray]:
     """A constant broadcastable per-channel vector [1,C,1,...] or [C] (for Gemm: [1,C])."""
-    v = _const(t)
+    v = const(t)
     if v is None or v.size != channels:
         return None
     if v.ndim >= 2 and v.shape[1] != channels:
         return None
     return v.reshape(-1).astype(np.float64)
-
-
-def _int8_weight_dq(layer: gs.Node):
-    """(DequantizeLinear, INT8 codes, scale) feeding ``layer``'s weight input, if that input is a
-    DequantizeLinear of constant INT8 codes with zero point 0; else None."""
-    w_in = layer.inputs[1]
-    if len(w_in.inputs) != 1 or w_in.inputs[0].op != "DequantizeLinear":
-        return None
-    dq = w_in.inputs[0]
-    codes, scale = _const(dq.inputs[0]), _const(dq.inputs[1])
-    if codes is None or scale is None or codes.dtype != np.int8:
-        return None
-    if len(dq.inputs) > 2 and _const(dq.inputs[2]) is not None and np.any(_const(dq.inputs[2]) != 0):
-        return None
-    return dq, codes, scale
 
 
 def select_cwac_pair(layer: gs.Node) -> Optional[_Match]:
@@ -91,8 +75,8 @@ def select_cwac_pair(layer: gs.Node) -> Optional[_Match]:
         return None
     if layer.op == "Gemm" and (layer.attrs.get("transB", 0) != 1 or layer.attrs.get("transA", 0) != 0):
         return None
-    found = _int8_weight_dq(layer)
-    if found is None or found[2].ndim != 1 or found[0].attrs.get("axis", 1) != 0:
+    found = int8_weight_dq(layer)
+    if found is None or found.scale.ndim != 1 or found.dq.attrs.get("axis", 1) != 0:
         return None
     dq, codes, scale = found
     channels = scale.size
@@ -134,16 +118,13 @@ def fold_match(graph: gs.Graph, m: _Match) -> None:
 def _bias_dq(layer: gs.Node) -> Optional[gs.Node]:
     if len(layer.inputs) < 3:
         return None
-    b = layer.inputs[2]
-    if len(b.inputs) == 1 and b.inputs[0].op == "DequantizeLinear":
-        return b.inputs[0]
-    return None
+    return producer(layer.inputs[2], "DequantizeLinear")
 
 
 def _input_scale(layer: gs.Node) -> Optional[float]:
-    x = layer.inputs[0]
-    if len(x.inputs) == 1 and x.inputs[0].op == "DequantizeLinear":
-        s = _const(x.inputs[0].inputs[1])
+    x_dq = producer(layer.inputs[0], "DequantizeLinear")
+    if x_dq is not None:
+        s = const(x_dq.inputs[1])
         if s is not None and s.size == 1:
             return float(s.reshape(()))
     return None
@@ -155,7 +136,7 @@ def _dequantized_bias(layer: gs.Node) -> Optional[np.ndarray]:
     dq = _bias_dq(layer)
     if dq is not None:
         return dq.inputs[0].values.astype(np.float64) * dq.inputs[1].values.astype(np.float32).astype(np.float64)
-    v = _const(layer.inputs[2])
+    v = const(layer.inputs[2])
     return None if v is None else v.astype(np.float64)
 
 
@@ -219,7 +200,7 @@ def select_matmul_cwac(layer: gs.Node) -> Optional[_MatMulMatch]:
     """
     if layer.op != "MatMul" or len(layer.inputs) != 2:
         return None
-    found = _int8_weight_dq(layer)
+    found = int8_weight_dq(layer)
     if found is None:
         return None
     dq, codes, scale = found
@@ -267,19 +248,20 @@ def fold_matmul_match(graph: gs.Graph, m: _MatMulMatch) -> None:
     m.mul.inputs.clear()
 
 
+# Pass fold_cwac_into_weight_scales, two selector/action rounds in this order (the MatMul round
+# selects on the graph the Conv/Gemm round left):
+#   1. selector select_cwac_pair: Conv/Gemm(DQ(INT8 W, per-channel axis 0, zp 0)) read only by
+#      Mul(const per-channel alpha) read only by Add(const per-channel beta);
+#      action fold_match: W codes/scale and bias absorb alpha/beta, the Mul/Add are bypassed.
+#   2. selector select_matmul_cwac: MatMul(x, DQ(INT8 W [in, out], axis 1, zp 0)) -> optional
+#      bias Add -> Mul(alpha) -> Add(beta), each read once;
+#      action fold_matmul_match: the same fold on axis 1, one bias Add remains.
+# Preconditions: alpha/beta are constants broadcast per output channel; an INT32 bias (ORT
+# layout) needs a per-tensor input DQ scale and must not overflow INT32 (ValueError otherwise).
 def fold_cwac_into_weight_scales(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Fold every CWAC Mul/Add pair; returns the new model and how many layers were folded."""
-    graph = gs.import_onnx(model)
-    matches = [m for m in (select_cwac_pair(n) for n in list(graph.nodes)) if m is not None]
-    for m in matches:
-        fold_match(graph, m)
-    matmuls = [m for m in (select_matmul_cwac(n) for n in list(graph.nodes)) if m is not None]
-    for m in matmuls:
-        fold_matmul_match(graph, m)
-    matches += matmuls
-    graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
-    return out, len(matches)
+    def fold_all(graph: gs.Graph) -> int:
+        return (len(apply_all(graph, select_cwac_pair, fold_match))
+                + len(apply_all(graph, select_matmul_cwac, fold_matmul_match)))
+
+    return run_pass(model, fold_all)

@@ -27,6 +27,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .helpers import const, int8_weight_dq, optional_input, producer
+from .scaffold import apply_all, run_pass
+
 CHANNEL_MULTIPLE = 4  # MLAS MlasConvSym's requirement on input channels
 
 
@@ -36,14 +39,6 @@ class _Match:
     weight_dq: gs.Node  # DequantizeLinear(INT8 constant [O, C, kh, kw], per-channel scale, zero point 0)
     input_dq: gs.Node  # DequantizeLinear(uint8 tensor, per-tensor scale, uint8 zero point)
     channels: int  # C, not a multiple of CHANNEL_MULTIPLE
-
-
-def _const(t) -> Optional[np.ndarray]:
-    return t.values if isinstance(t, gs.Constant) else None
-
-
-def _producer(t: gs.Tensor, op: str) -> Optional[gs.Node]:
-    return t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].op == op else None
 
 
 def select_unaligned_qconv(conv: gs.Node) -> Optional[_Match]:
@@ -59,29 +54,23 @@ def select_unaligned_qconv(conv: gs.Node) -> Optional[_Match]:
     """
     if conv.op != "Conv" or conv.attrs.get("group", 1) != 1 or len(conv.inputs) < 2:
         return None
-    wdq = _producer(conv.inputs[1], "DequantizeLinear")
-    if wdq is None or len(wdq.outputs[0].outputs) != 1:
+    found = int8_weight_dq(conv)
+    if found is None or len(found.dq.outputs[0].outputs) != 1 or found.codes.ndim < 3:
         return None
-    codes, scale = _const(wdq.inputs[0]), _const(wdq.inputs[1])
-    if codes is None or scale is None or codes.dtype != np.int8 or codes.ndim < 3:
-        return None
+    wdq, codes, scale = found
     if scale.size != 1 and (scale.ndim != 1 or wdq.attrs.get("axis", 1) % codes.ndim != 0):
         return None
-    if len(wdq.inputs) > 2 and wdq.inputs[2].name:  # an omitted optional input has an empty name
-        wzp = _const(wdq.inputs[2])
-        if wzp is None or np.any(wzp != 0):
-            return None
     channels = codes.shape[1]
     if channels % CHANNEL_MULTIPLE == 0:
         return None
-    xdq = _producer(conv.inputs[0], "DequantizeLinear")
+    xdq = producer(conv.inputs[0], "DequantizeLinear")
     if xdq is None:
         return None
-    xscale = _const(xdq.inputs[1])
+    xscale = const(xdq.inputs[1])
     if xscale is None or xscale.size != 1:
         return None
-    if len(xdq.inputs) > 2 and xdq.inputs[2].name:  # DequantizeLinear: x has the zero point's type
-        xzp = _const(xdq.inputs[2])
+    if optional_input(xdq, 2) is not None:  # DequantizeLinear: x has the zero point's type
+        xzp = const(xdq.inputs[2])
         if xzp is None or xzp.dtype != np.uint8 or xzp.size != 1:
             return None
     elif xdq.inputs[0].dtype != np.uint8:
@@ -113,9 +102,8 @@ def pad_match(graph: gs.Graph, m: _Match) -> None:
     xdq = m.input_dq
     x = xdq.inputs[0]
     base = m.conv.name or name
-    if len(xdq.inputs) > 2 and xdq.inputs[2].name:
-        zero_point = xdq.inputs[2]
-    else:
+    zero_point = optional_input(xdq, 2)
+    if zero_point is None:
         zero_point = gs.Constant(f"{base}.input_pad/zero_point", np.array(0, np.uint8))
     pads = np.zeros(2 * codes.ndim, np.int64)
     pads[codes.ndim + 1] = extra  # end of axis 1 only: [x1_begin, ..., xn_begin, x1_end, ..., xn_end]
@@ -133,15 +121,13 @@ def pad_match(graph: gs.Graph, m: _Match) -> None:
     m.conv.inputs[0] = out
 
 
+# Pass pad_conv_input_channels:
+#   selector select_unaligned_qconv: Conv(group 1) of DQ(uint8 x, per-tensor scale) and
+#     DQ(INT8 W, zp 0, read only by this Conv) whose input-channel count is not a multiple of 4;
+#   action pad_match: zero INT8 weight channels up to the multiple, Pad(x, its zero point) on
+#     axis 1 read through a new DequantizeLinear.
+# Preconditions: ONNX Runtime layout (uint8 activations); exact because the padded channel
+# dequantizes to 0 and its weights are 0.
 def pad_conv_input_channels(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """Pad every matching Conv; returns the new model and how many Convs were padded."""
-    graph = gs.import_onnx(model)
-    matches = [m for m in (select_unaligned_qconv(n) for n in list(graph.nodes)) if m is not None]
-    for m in matches:
-        pad_match(graph, m)
-    graph.cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
-    return out, len(matches)
+    return run_pass(model, lambda graph: len(apply_all(graph, select_unaligned_qconv, pad_match)))

@@ -10,7 +10,7 @@ the same Cast -> MatMul -> Mul, and keeps its Add)
 
 which equals the original in exact arithmetic. Its float32 convolution of integer-valued
 tensors is exact in any accumulation order (partial sums below 2**24), so ONNX Runtime and
-the PyTorch simulation (``qwt_deploy.quantize.trt_kernels``) compute bit-identical layer
+the PyTorch simulation (``qwt_deploy.quantization.trt_kernels``) compute bit-identical layer
 outputs, as TensorRT's INT32 accumulation would; a float convolution of dequantized values
 instead differs between implementations by rounding flips that compound through deep
 networks. Run the result with graph optimizations off (ORT's Conv+Mul/Add fusion would fold
@@ -26,6 +26,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .helpers import const, int8_weight_dq, producer, zero_point_is_zero
+from .scaffold import apply_all, run_pass
+
 
 @dataclass
 class _Match:
@@ -35,14 +38,6 @@ class _Match:
     w_codes: np.ndarray
     w_scale: np.ndarray
     bias: Optional[np.ndarray]
-
-
-def _const(t) -> Optional[np.ndarray]:
-    return np.asarray(t.values) if isinstance(t, gs.Constant) else None
-
-
-def _zero(dq: gs.Node) -> bool:
-    return len(dq.inputs) < 3 or (_const(dq.inputs[2]) is not None and not np.any(_const(dq.inputs[2])))
 
 
 def select_quantized_layer(layer: gs.Node) -> Optional[_Match]:
@@ -55,21 +50,21 @@ def select_quantized_layer(layer: gs.Node) -> Optional[_Match]:
     if layer.op == "Gemm" and (layer.attrs.get("transB", 0) != 1 or layer.attrs.get("transA", 0) != 0
                                or layer.attrs.get("alpha", 1.0) != 1.0 or layer.attrs.get("beta", 1.0) != 1.0):
         return None
-    x, w = layer.inputs[0], layer.inputs[1]
-    if len(x.inputs) != 1 or x.inputs[0].op != "DequantizeLinear" or len(w.inputs) != 1 or w.inputs[0].op != "DequantizeLinear":
+    xdq, found = producer(layer.inputs[0], "DequantizeLinear"), int8_weight_dq(layer)
+    if xdq is None or found is None:
         return None
-    xdq, wdq = x.inputs[0], w.inputs[0]
-    xs, codes, ws = _const(xdq.inputs[1]), _const(wdq.inputs[0]), _const(wdq.inputs[1])
-    if xs is None or xs.size != 1 or not _zero(xdq) or codes is None or codes.dtype != np.int8 or ws is None:
+    wdq, codes, ws = found
+    xs = const(xdq.inputs[1])
+    if xs is None or xs.size != 1 or not zero_point_is_zero(xdq):
         return None
     out_axis = 1 if layer.op == "MatMul" else 0
     if layer.op == "MatMul" and codes.ndim != 2:
         return None
-    if not _zero(wdq) or ws.ndim != 1 or wdq.attrs.get("axis", 1) != out_axis or ws.size != codes.shape[out_axis]:
+    if ws.ndim != 1 or wdq.attrs.get("axis", 1) != out_axis or ws.size != codes.shape[out_axis]:
         return None
     bias = None
     if len(layer.inputs) > 2:
-        bias = _const(layer.inputs[2])
+        bias = const(layer.inputs[2])
         if bias is None or bias.dtype != np.float32:
             return None
     return _Match(layer, xdq.inputs[0], np.float32(xs.reshape(())), codes, ws.astype(np.float32), bias)
@@ -97,16 +92,26 @@ def rewrite_match(graph: gs.Graph, m: _Match) -> None:
     m.layer.inputs.clear()
 
 
-def rewrite_layers_as_integer_accumulators(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """The rewritten copy of ``model`` and how many layers were rewritten."""
-    graph = gs.import_onnx(model)
-    matches = [m for m in (select_quantized_layer(n) for n in list(graph.nodes)) if m is not None]
-    for m in matches:
-        rewrite_match(graph, m)
-    graph.cleanup().toposort()
-    for t in graph.outputs:  # outputs marked by name only (Polygraphy ModifyOutputs) carry no dtype
+def _type_named_outputs(graph: gs.Graph) -> None:
+    """Outputs marked by name only (Polygraphy ModifyOutputs) carry no dtype, which
+    gs.export_onnx requires: a QuantizeLinear output is INT8, anything else float32."""
+    for t in graph.outputs:
         if t.dtype is None:
             t.dtype = np.float32 if t.inputs and t.inputs[0].op != "QuantizeLinear" else np.int8
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    return out, len(matches)
+
+
+# Pass rewrite_layers_as_integer_accumulators (check copies only, TensorRT layout):
+#   selector select_quantized_layer: Conv / Gemm(transB=1, alpha=beta=1) / MatMul reading
+#     DQ(Q output, scalar scale, zp 0) and DQ(INT8 W, per-channel scale on the output axis, zp 0),
+#     with a constant float32 bias or none;
+#   action rewrite_match: Cast(codes -> float) -> same op on float INT8 codes -> Mul(s_x * s_w)
+#     -> Add(bias), into the layer's original output tensor.
+# Preconditions: run the result with graph optimizations and QDQ fusion off.
+def rewrite_layers_as_integer_accumulators(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The rewritten copy of ``model`` and how many layers were rewritten."""
+    def rewrite_all(graph: gs.Graph) -> int:
+        n = len(apply_all(graph, select_quantized_layer, rewrite_match))
+        _type_named_outputs(graph)
+        return n
+
+    return run_pass(model, rewrite_all)

@@ -1,16 +1,44 @@
-"""The typed configuration of one ``qwt-export`` run (no options dicts)."""
+"""Typed configuration (no options dicts).
+
+:class:`QuantizeConfig`: how the public API quantizes, independent of files.
+:class:`ExportConfig`: one ``qwt-export`` run, files included; it derives its QuantizeConfig.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
-from calibration.preprocess import Preprocess
-from calibration.sequential import CalibrationSettings
+from .calibration.method import Method
+from .calibration.sequential import CalibrationSettings
+from .data.preprocess import Preprocess
+from .quantization.placement import DEFAULT_KEEP_FLOAT
+from .targets import TARGETS, Target, get_target
 
-METHODS = ("none", "bias-correction", "qwt", "qwt2", "qwt,qwt2")  # qwt = QwT (v1) block branches
+METHODS = Method.CHOICES  # --method spellings; parsed once by Method.parse
 CALIB_METHODS = ("auto", "minmax", "percentile", "mse")
-TARGETS = ("ort", "trt")  # ONNX Runtime CPU integer kernels | TensorRT explicit quantization
+TARGET_NAMES = tuple(TARGETS)  # ort: ONNX Runtime CPU integer kernels | trt: TensorRT explicit quantization
+
+
+@dataclass
+class QuantizeConfig:
+    """How to quantize, independent of files: what :func:`quantize` needs besides the model
+    and the calibration data."""
+
+    target: Union[str, Target] = "ort"  # "ort" | "trt" | a Target
+    settings: CalibrationSettings = field(default_factory=CalibrationSettings)  # method, bits, observers
+    num_calib: int = 512  # at most this many calibration samples are used (the QwT papers' 512)
+    batch_size: int = 32
+    seed: int = 0
+    threads: int = 2
+    # op kinds kept float (placement.DEFAULT_KEEP_FLOAT); e.g. add "add" for transformers
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+    preprocess: Preprocess = field(default_factory=Preprocess)  # for image folders and bundled photos
+    example_shape: tuple[int, ...] = (3, 224, 224)  # one image input: the shape an nn.Module is traced with
+
+    def __post_init__(self):
+        self.target = get_target(self.target)
+
 
 
 @dataclass
@@ -19,7 +47,7 @@ class ExportConfig:
     output: str
     model_factory: Optional[str] = None
     trust_pickle: bool = False
-    calib_data: str = "bundled"  # .npy/.npz | image folder | bundled | synthetic
+    calib_data: str = "bundled"  # .npy/.npz | image folder | bundled | synthetic | example:NAME
     num_calib: int = 512
     batch_size: int = 32
     preprocess: Preprocess = field(default_factory=Preprocess)
@@ -33,12 +61,19 @@ class ExportConfig:
     example_shape: tuple[int, ...] = (3, 224, 224)  # only for nn.Modules that need tracing
     labels_file: Optional[str] = None  # class names, one per line, written into the ONNX metadata
     # op kinds that stay float (placement.DEFAULT_KEEP_FLOAT); e.g. add "add" for transformers
-    keep_float: tuple[str, ...] = ("layer_norm", "softmax", "gelu")
+    keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     # --target ort: zero-pad quantized Convs' input channels to a multiple of 4 so ONNX Runtime's
     # fast MLAS INT8 conv kernel runs them (exact; graph_passes/pad_conv_input_channels.py)
     pad_conv_channels: bool = True
 
+    def quantize_config(self) -> QuantizeConfig:
+        return QuantizeConfig(target=self.target, settings=self.quant, num_calib=self.num_calib,
+                              batch_size=self.batch_size, seed=self.seed, threads=self.threads,
+                              keep_float=tuple(self.keep_float), preprocess=self.preprocess,
+                              example_shape=tuple(self.example_shape))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["preprocess"] = self.preprocess.to_dict()
+        d["quant"] = self.quant.to_dict()
         return d

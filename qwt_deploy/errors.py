@@ -1,9 +1,12 @@
-"""User-facing errors.
+"""The two kinds of failure.
 
-Every problem a user can cause (bad model file, bad calibration data, unsupported operator,
-unwritable output) is raised as a :class:`QwtError`, whose message is one line naming the
-problem and the fix. The CLI prints that line and exits non-zero; it never shows a traceback
-for these.
+:class:`QwtError`: every problem a user can cause (bad model file, bad calibration data,
+unsupported operator, unwritable output). Its message is one line naming the problem and the
+fix. The CLI prints that line and exits with code 2; it never shows a traceback for these.
+
+:class:`InternalError`: a broken invariant inside qwt-deploy itself (a pass that produced an
+invalid graph, a simulation that disagrees with its own plan). It is a bug to report, not
+something the user can fix; the CLI says so and exits with code 3.
 """
 
 
@@ -14,3 +17,7 @@ class QwtError(Exception):
         self.problem = problem.rstrip(".")
         self.fix = fix.rstrip(".")
         super().__init__(f"{self.problem}. Fix: {self.fix}.")
+
+
+class InternalError(RuntimeError):
+    """A bug in qwt-deploy: an invariant of the pipeline does not hold."""

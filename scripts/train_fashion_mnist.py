@@ -32,12 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from calibration import fashion_mnist as fm  # noqa: E402
-from qwt_deploy.atomic import atomic_write_bytes  # noqa: E402
-from qwt_deploy.errors import QwtError  # noqa: E402
-from qwt_deploy.examples.fashion_mnist import MODELS, WEIGHTS_DIR  # noqa: E402
+from qwt_deploy.atomic import atomic_write_bytes
+from qwt_deploy.data import fashion_mnist as fm
+from qwt_deploy.errors import QwtError
+from qwt_deploy.examples.fashion_mnist import MODELS, WEIGHTS_DIR
 
 # Settings chosen to fit a few minutes of 2-core CPU training each.
 # The ViT gets no augmentation and no label smoothing: in a few epochs it underfits (4 epochs

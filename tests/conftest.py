@@ -1,14 +1,23 @@
-"""Shared fixtures. The small CNN has random weights: it tests mechanics only, never accuracy."""
+"""Shared fixtures and helpers, for every folder under tests/ (``from conftest import ...``).
+
+The small CNN and the tiny encoder have random weights: they test mechanics only, never
+accuracy. :func:`quantized` is the one way a test quantizes a model: through the public API
+(:func:`qwt_deploy.api.quantize`), as qwt-export does. The torch-free edge CLIs are run with
+torch unimportable by :func:`blocked_python` (unit/edge and the e2e serve test share it).
+"""
 
 import os
+import re
+import signal
+import subprocess
 import sys
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(2)
 
 
@@ -52,7 +61,7 @@ def small_cnn():
 
 @pytest.fixture(scope="session")
 def small_program(small_cnn):
-    from qwt_deploy.load.capture import export_program
+    from qwt_deploy.frontend.capture import export_program
 
     return export_program(small_cnn, torch.zeros(2, 3, 32, 32))
 
@@ -67,3 +76,152 @@ def op_counts(model):
     import collections
 
     return collections.Counter(n.op_type for n in model.graph.node)
+
+
+# ------------------------------------------------------------------------ the public API, once
+def quantized(model, data, target="ort", method="qwt2", batch_size=16, keep_float=None, **settings):
+    """``api.quantize`` of ``model`` (an nn.Module, an ExportedProgram or a file path) on all of
+    ``data`` (an array, a dict of arrays, an InputSet or batches), in batches of ``batch_size``;
+    ``settings`` are CalibrationSettings fields (w_bits, a_bits, calib_method, ...)."""
+    from qwt_deploy import api
+    from qwt_deploy.calibration.sequential import CalibrationSettings
+    from qwt_deploy.config import QuantizeConfig
+
+    n = len(next(iter(data.values()))) if isinstance(data, Mapping) else len(data)
+    extra = {} if keep_float is None else dict(keep_float=tuple(keep_float))
+    if isinstance(data, np.ndarray):  # an nn.Module is traced with the data's shape
+        extra["example_shape"] = tuple(data.shape[1:])
+    cfg = QuantizeConfig(target=target, settings=CalibrationSettings(method=method, **settings), num_calib=n,
+                         batch_size=batch_size, **extra)
+    return api.quantize(model, data, cfg)
+
+
+# ---------------------------------------------------------- a tiny BERT-like encoder (tokens)
+VOCAB, MAX_LEN = 60, 32
+
+
+class TinyEncoder(nn.Module):
+    """What all-MiniLM-L6-v2 has: token + position embeddings, LayerNorm, one attention block
+    with an additive padding mask, a GELU MLP, residual adds, mean-pooling over the mask with L2
+    normalisation; two int64 inputs with dynamic batch and sequence axes."""
+
+    def __init__(self, d=32, heads=4, ff=64, seed=0, sdpa=False, q_bias=True):
+        super().__init__()
+        self.sdpa = sdpa  # F.scaled_dot_product_attention (Hugging Face's default) instead of eager matmuls
+        g = torch.Generator().manual_seed(seed)
+        self.emb, self.pos, self.ln0 = nn.Embedding(VOCAB, d), nn.Embedding(MAX_LEN, d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=q_bias or i > 0) for i in range(4))
+        self.ln1, self.fc1, self.fc2, self.ln2 = nn.LayerNorm(d), nn.Linear(d, ff), nn.Linear(ff, d), nn.LayerNorm(d)
+        self.h, self.dh = heads, d // heads
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1))
+            for ln in (self.ln0, self.ln1, self.ln2):
+                ln.weight.add_(1.0)
+
+    def forward(self, input_ids, attention_mask):
+        F = nn.functional
+        b, s = input_ids.shape
+        x = self.ln0(self.emb(input_ids) + self.pos.weight[:s])
+        bias = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+        q = self.q(x).view(b, s, self.h, self.dh).transpose(1, 2)
+        k = self.k(x).view(b, s, self.h, self.dh).transpose(1, 2)
+        v = self.v(x).view(b, s, self.h, self.dh).transpose(1, 2)
+        if self.sdpa:
+            c = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            c = torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * self.dh ** -0.5 + bias).softmax(-1), v)
+        c = c.transpose(1, 2).reshape(b, s, -1)
+        x = self.ln1(x + self.o(c))
+        x = self.ln2(x + self.fc2(F.gelu(self.fc1(x))))
+        m = attention_mask.unsqueeze(-1).to(x.dtype)
+        e = (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return e / e.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def tokens(rng, n, s):
+    """Random ids with right padding (mask 0) of random length >= 2, as int64 tensors."""
+    ids = rng.integers(1, VOCAB, (n, s))
+    mask = np.ones((n, s), np.int64)
+    for i in range(n):
+        length = int(rng.integers(2, s + 1))
+        ids[i, length:], mask[i, length:] = 0, 0
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+# ------------------------------------------- the edge CLIs with torch (and the pipeline) blocked
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs a CLI with torch (and everything else that belongs to the workstation side) unimportable,
+# and reports any attempt to import them, so that a swallowed ImportError cannot hide one.
+BLOCKER = r"""
+import sys
+BLOCKED = ("torch", "torchvision", "onnx", "onnx_graphsurgeon", "polygraphy", "qwt_deploy.calibration",
+           "qwt_deploy.graph_passes", "qwt_deploy.api", "qwt_deploy.pipeline", "qwt_deploy.targets",
+           "qwt_deploy.frontend", "qwt_deploy.quantization", "qwt_deploy.exporter")
+attempts = []
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            attempts.append(name)
+            raise ImportError("blocked: the edge runtime must not import " + name)
+sys.meta_path.insert(0, Blocker())
+import atexit
+atexit.register(lambda: sys.stderr.write("BLOCKED-IMPORTS=%s\n" % ",".join(attempts)))
+"""
+
+
+def blocked_python(code: str) -> list[str]:
+    """argv for a Python that cannot import torch and then runs ``code``."""
+    return [sys.executable, "-c", BLOCKER + code]
+
+
+def run_blocked_cli(module: str, args: list[str]) -> subprocess.CompletedProcess:
+    code = f"from {module} import main\nsys.exit(main({args!r}))\n"
+    return subprocess.run(blocked_python(code), capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def assert_no_blocked_imports(stderr: str) -> None:
+    line = [l for l in stderr.splitlines() if l.startswith("BLOCKED-IMPORTS=")]
+    assert line == ["BLOCKED-IMPORTS="], stderr[-2000:]
+
+
+class Server:
+    """``qwt-serve`` in a subprocess where torch cannot be imported; port 0 = any free port."""
+
+    def __init__(self, model, *flags):
+        code = f"from qwt_deploy.cli.serve import main\nsys.exit(main({[model, '--port', '0', *flags]!r}))\n"
+        self.proc = subprocess.Popen(blocked_python(code), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=REPO)
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise AssertionError(f"server did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
+        self.port = int(m.group(1))
+
+    def request(self, method, path, body=None, headers=None):
+        import http.client
+        import json
+
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            c.request(method, path, body=body, headers=headers or {})
+            r = c.getresponse()
+            data = r.read()
+        finally:
+            c.close()
+        ctype = r.getheader("Content-Type", "")
+        return r.status, (json.loads(data) if ctype.startswith("application/json") else data.decode())
+
+    def predict_tensor(self, x, **extra):
+        import json
+
+        body = json.dumps({"shape": list(x.shape), "data": x.tolist(), **extra})
+        return self.request("POST", "/v1/predict", body, {"Content-Type": "application/json"})
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=20)
+        assert self.proc.returncode == 0, err[-2000:]
+        return err

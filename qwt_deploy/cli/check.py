@@ -8,7 +8,8 @@ import os
 import sys
 import warnings
 
-from ..errors import QwtError
+from ..errors import InternalError, QwtError
+from ..log import configure as configure_logging
 
 DESCRIPTION = """\
 Quantize a model exactly as qwt-export does (same flags, same seed: same file), then run one
@@ -109,10 +110,10 @@ def run_lint(backend: str, path: str) -> int:
     if not os.path.isfile(path):
         raise QwtError(f"ONNX file {path} does not exist", "pass the path of a .onnx file")
     try:
-        from graph_passes.check_trt_rules import check_trt_rules, format_findings
+        from qwt_deploy.graph_passes.check_trt_rules import check_trt_rules, format_findings
     except ImportError:
         raise QwtError("the TensorRT rule checker is not available in this install",
-                       "install a qwt-deploy version with graph_passes.check_trt_rules") from None
+                       "install a qwt-deploy version with qwt_deploy.graph_passes.check_trt_rules") from None
     try:
         model = onnx.load(path)
     except Exception as e:
@@ -232,7 +233,7 @@ def render(r: dict, show_layers: bool = False) -> str:
 
 
 def config_from_args(a):
-    from ..check.cross_backend import CheckConfig
+    from ..comparison.cross_backend import CheckConfig
     from .export import config_from_args as export_config
 
     a.output = a.output or os.path.join(a.report_dir, "model.int8.onnx")  # never written; qwt-export needs a name
@@ -270,7 +271,7 @@ def config_from_args(a):
 
 def write_reports(report: dict, text: str, report_dir: str) -> dict:
     from ..atomic import atomic_write_bytes
-    from ..check.plot import write_sqnr_plot
+    from ..comparison.plot import write_sqnr_plot
     from ..report import write_json
 
     if os.path.exists(report_dir) and not os.path.isdir(report_dir):
@@ -287,6 +288,7 @@ def write_reports(report: dict, text: str, report_dir: str) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(-1 if args.quiet else 1 if getattr(args, "verbose", False) else 0)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
         from polygraphy.logger import G_LOGGER
 
         G_LOGGER.module_severity = G_LOGGER.ERROR  # Polygraphy's per-runner info lines would drown the table
-        from ..check.cross_backend import run_check
+        from ..pipeline import run_check_files
 
         progress = batch_progress = None
         if not args.quiet:
@@ -312,12 +314,15 @@ def main(argv=None) -> int:
                 _state["bar"].update(i - _state["bar"].n)
                 if i >= total:
                     _state["bar"].close()
-        report = run_check(cfg, progress=progress, log=lambda s: print(s, file=sys.stderr), batch_progress=batch_progress)
+        report = run_check_files(cfg, progress=progress, batch_progress=batch_progress)
         text = render(report, args.show_layers)
         files = write_reports(report, text, args.report_dir)
     except QwtError as e:
         print(f"qwt-check: error: {e}", file=sys.stderr)
         return 2
+    except InternalError as e:
+        print(f"qwt-check: internal error (a qwt-deploy bug, please report it): {e}", file=sys.stderr)
+        return 3
     print(text)
     print(f"\nwrote {', '.join(files.values())}")
     return 0 if report["passed"] else 1

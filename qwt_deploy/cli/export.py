@@ -7,7 +7,8 @@ import os
 import sys
 import warnings
 
-from ..errors import QwtError
+from ..errors import InternalError, QwtError
+from ..log import configure as configure_logging
 
 from ..examples import EXAMPLES  # the typed registry of built-in examples (name -> Example)
 
@@ -76,7 +77,7 @@ def _floats3(s: str) -> tuple[float, float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..config import CALIB_METHODS, METHODS, TARGETS
+    from ..config import CALIB_METHODS, METHODS, TARGET_NAMES
 
     p = argparse.ArgumentParser(prog="qwt-export", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--mean", type=_floats3, default=(127.0, 127.0, 127.0), help="images: per-channel mean on 0..255 (default 127)")
     cal.add_argument("--std", type=_floats3, default=(128.0, 128.0, 128.0), help="images: per-channel std on 0..255 (default 128)")
     q = p.add_argument_group("quantization and compensation")
-    q.add_argument("--target", choices=TARGETS, default="ort", help="backend layout. ort = ONNX Runtime CPU integer "
+    q.add_argument("--target", choices=TARGET_NAMES, default="ort", help="backend layout. ort = ONNX Runtime CPU integer "
                    "kernels (uint8 asymmetric activations, Q on op outputs so ORT fuses QLinearConv/QGemm, INT32 "
                    "bias). trt = TensorRT explicit quantization (symmetric INT8 activations with zero point 0, Q/DQ "
                    "on the inputs of Conv/Gemm and on the skip input of residual Adds so TensorRT fuses them, float "
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "exists because ONNX Runtime's fast INT8 conv kernel (MLAS) needs channels %% 4 == 0 and a "
                         "3-channel image stem otherwise falls back to a slower path; it is exact (same logits), so "
                         "use this only to compare or to keep the graph exactly as the IR")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    o.add_argument("--quiet", action="store_true", help="no progress bar, no notes: only warnings, errors and the summary")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug detail on stderr")
     return p
 
 
@@ -166,8 +168,9 @@ def _keep_float(text: str) -> tuple[str, ...]:
 
 
 def config_from_args(a) -> "ExportConfig":
-    from calibration.preprocess import Preprocess
-    from calibration.sequential import CalibrationSettings
+    from ..data.preprocess import Preprocess
+    from ..calibration.sequential import CalibrationSettings
+    from ..calibration.method import Method
 
     from ..config import ExportConfig
 
@@ -218,7 +221,7 @@ def config_from_args(a) -> "ExportConfig":
         num_calib=a.num_calib, batch_size=a.batch_size, seed=a.seed, threads=a.threads,
         preprocess=Preprocess(resize=a.resize, crop=a.crop, mean=a.mean, std=a.std), target=a.target,
         quant=CalibrationSettings(w_bits=a.w_bits, a_bits=a.a_bits, calib_method=a.calib_method,
-                                  percentile=a.percentile, weight_observer=a.weight_observer, method=a.method,
+                                  percentile=a.percentile, weight_observer=a.weight_observer, method=Method.parse(a.method),
                                   ridge=a.ridge, reference=a.cwac_reference, qwt_ridge=a.qwt_ridge,
                                   qwt_group_channels=a.qwt_group_channels, qwt_blocks=a.qwt_blocks),
         measure_latency=not a.no_latency, keep_unfolded=a.keep_unfolded, example_shape=shape, labels_file=labels,
@@ -227,6 +230,7 @@ def config_from_args(a) -> "ExportConfig":
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(-1 if args.quiet else 1 if args.verbose else 0)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
@@ -239,12 +243,15 @@ def main(argv=None) -> int:
             from .progress import layer_progress_bar
 
             bar = layer_progress_bar()
-        report = run_export(cfg, progress=bar, log=lambda s: print(s, file=sys.stderr))
+        report = run_export(cfg, progress=bar).to_dict()
     except QwtError as e:
         print(f"qwt-export: error: {e}", file=sys.stderr)
         return 2
+    except InternalError as e:
+        print(f"qwt-export: internal error (a qwt-deploy bug, please report it): {e}", file=sys.stderr)
+        return 3
     print(table(summary_rows(report), "qwt-export summary"))
-    if report["layers"] and cfg.quant.method != "none":
+    if report["layers"] and cfg.quant.method.fits_layers:
         print("\nlargest compensation gains (output SQNR of the layer vs its FP32 version on the same input):")
         print(layer_rows(report))
     print(f"\nwrote {cfg.output} and {report['report_path']}")

@@ -42,7 +42,7 @@ class ImagePreprocess:
     """Convert to ``color``, resize the short side (bicubic), center-crop, ``(pixel - mean) / std``
     per channel on 0..255 values, NCHW.
 
-    The same steps as ``calibration.preprocess.Preprocess.center``; a test checks the two agree.
+    Computed by the one implementation in ``qwt_deploy.data.preprocess`` (shared with calibration).
     ``color`` is "RGB" (3 channels) or "L" (1 grey channel, e.g. Fashion-MNIST), one mean/std per channel.
     """
 

@@ -1,8 +1,7 @@
 """Image bytes -> model input, exactly as the model was calibrated (metadata from qwt-export).
 
-A re-implementation of ``calibration.preprocess.Preprocess.center`` in Pillow + numpy, because
-the calibration package sits beside torch on the workstation; a test checks that both give the
-same tensor for a real photo.
+Decoding with the edge's limits (decompression bombs), then the one preprocessing
+implementation, :mod:`qwt_deploy.data.preprocess` (numpy + Pillow, no torch).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..data.preprocess import center_crop, normalize
 from .metadata import ImagePreprocess
 
 # Decompression bombs: a few KB of PNG can claim 10^10 pixels. Refuse anything above this many
@@ -44,18 +44,9 @@ def decode_image(data: bytes) -> Image.Image:
 def image_to_tensor(img: Image.Image, pre: ImagePreprocess) -> np.ndarray:
     """PIL image -> C x crop x crop float32: converted to ``pre.color`` ("RGB": C=3; "L": C=1,
     grey, Pillow's ITU-R 601-2 luma for colour photos), short side to ``resize`` (bicubic),
-    center crop, ``(pixel - mean) / std`` per channel on 0..255 values."""
-    img = img.convert(pre.color)
-    w, h = img.size
-    s = pre.resize / min(w, h)
-    img = img.resize((max(pre.crop, round(w * s)), max(pre.crop, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
-    pixels = np.asarray(img.crop((left, top, left + pre.crop, top + pre.crop)))
-    if pixels.ndim == 2:  # "L": H x W
-        pixels = pixels[:, :, None]
-    x = (pixels.astype(np.float32) - np.float32(pre.mean)) / np.float32(pre.std)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    center crop, ``(pixel - mean) / std`` per channel on 0..255 values. The calibration side's
+    implementation (qwt_deploy.data.preprocess), so deployed inputs match calibrated ones."""
+    return normalize(center_crop(img, pre.resize, pre.crop, pre.color), pre.mean, pre.std)
 
 
 def preprocess_image_bytes(data: bytes, pre: ImagePreprocess) -> np.ndarray:

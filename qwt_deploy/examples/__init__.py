@@ -13,7 +13,7 @@ never means adding ``if name == ...`` branches to the pipeline:
 - ``minilm``: all-MiniLM-L6-v2 sentence embeddings (the ``text`` extra); two int64 inputs
   (``input_ids``, ``attention_mask``) with dynamic batch and sequence axes; calibration on
   pydoc sentences, evaluation on 256 other sentences (no labels: the measure is the embedding
-  cosine to FP32). Its data is an :class:`~calibration.inputs.InputSet`, not an array.
+  cosine to FP32). Its data is an :class:`~qwt_deploy.data.inputs.InputSet`, not an array.
 
 Heavy imports (torch, the photo packages, the dataset reader) happen only when a function of an
 example is called, so listing the examples for ``--help`` stays cheap.
@@ -56,15 +56,15 @@ class Example:
 
 # ---------------------------------------------------------------------- EfficientNet-Lite0
 def _lite0_calibration(n: int, seed: int) -> np.ndarray:
-    from calibration.photos import calibration_photos, crops
-    from calibration.preprocess import LITE0
+    from qwt_deploy.data.photos import calibration_photos, crops
+    from qwt_deploy.data.preprocess import LITE0
 
     return crops(calibration_photos(), n, LITE0, seed)
 
 
 def _lite0_evaluation(n: Optional[int], seed: int) -> tuple[np.ndarray, None]:
-    from calibration.photos import crops, evaluation_photos
-    from calibration.preprocess import LITE0
+    from qwt_deploy.data.photos import crops, evaluation_photos
+    from qwt_deploy.data.preprocess import LITE0
 
     return crops(evaluation_photos(), n or 525, LITE0, seed), None
 
@@ -76,7 +76,7 @@ def _lite0_labels() -> Optional[str]:
 
 # ---------------------------------------------------------------------- Fashion-MNIST
 def _fashion_calibration(n: int, seed: int) -> np.ndarray:
-    from calibration.fashion_mnist import calibration_images
+    from qwt_deploy.data.fashion_mnist import calibration_images
 
     return calibration_images(n, seed)  # training images only: never a test image
 
@@ -84,13 +84,13 @@ def _fashion_calibration(n: int, seed: int) -> np.ndarray:
 def _fashion_evaluation(n: Optional[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` test images (all 10,000 when None) with their labels; ``seed`` unused:
     the test set is evaluated in file order so figures are comparable across runs."""
-    from calibration.fashion_mnist import test_images
+    from qwt_deploy.data.fashion_mnist import test_images
 
     return test_images(n)
 
 
 def _fashion(kind: str, what: str) -> Example:
-    from calibration.fashion_mnist import CLASSES, MEAN, STD  # numpy only: cheap
+    from qwt_deploy.data.fashion_mnist import CLASSES, MEAN, STD  # numpy only: cheap
 
     return Example(
         name=f"fashion-{kind}", description=f"{what} trained in this repo on Fashion-MNIST (28x28 grey, 10 classes)",
@@ -104,8 +104,8 @@ def _fashion(kind: str, what: str) -> Example:
 
 # ---------------------------------------------------------------------- all-MiniLM-L6-v2
 def _minilm_tokens(sentences: list) -> "object":
-    from calibration.inputs import InputSet
-    from calibration.text import tokenize
+    from qwt_deploy.data.inputs import InputSet
+    from qwt_deploy.data.text import tokenize
 
     from .minilm import load_tokenizer
 
@@ -114,14 +114,14 @@ def _minilm_tokens(sentences: list) -> "object":
 
 
 def _minilm_calibration(n: int, seed: int):
-    from calibration.text import split_sentences
+    from qwt_deploy.data.text import split_sentences
 
     return _minilm_tokens(split_sentences(n, seed=seed)[0])  # never an evaluation sentence
 
 
 def _minilm_evaluation(n: Optional[int], seed: int):
     """The held-out sentences in their fixed order (``seed`` unused, as for Fashion-MNIST)."""
-    from calibration.text import EVAL_SENTENCES, split_sentences
+    from qwt_deploy.data.text import EVAL_SENTENCES, split_sentences
 
     return _minilm_tokens(split_sentences(0)[1][:n or EVAL_SENTENCES]), None
 

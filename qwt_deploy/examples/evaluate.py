@@ -7,7 +7,7 @@
 Both run the example's evaluation set (Fashion-MNIST: the test images, never calibrated on) in
 fixed batches and count top-1 hits against the labels. Examples without labels
 (EfficientNet-Lite0's photos) are refused: their measure is agreement with FP32, which
-:mod:`qwt_deploy.check.agreement` computes.
+:mod:`qwt_deploy.comparison.agreement` computes.
 
     python -m qwt_deploy.examples.evaluate fashion-cnn.int8.onnx --example fashion-cnn
 """
@@ -44,7 +44,7 @@ def evaluation_set(example: str, n: Optional[int] = None) -> tuple[np.ndarray, n
     x, y = EXAMPLES[example].evaluation(n, 0)
     if y is None:
         raise QwtError(f"the {example} example has no labelled evaluation set",
-                       "measure agreement with FP32 instead (qwt_deploy.check.agreement)")
+                       "measure agreement with FP32 instead (qwt_deploy.comparison.agreement)")
     return x, y
 
 

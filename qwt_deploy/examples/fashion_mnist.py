@@ -3,7 +3,7 @@ whose weights ship with the package (``weights/fashion_{cnn,vit}.pt``), so that 
 accuracy can be measured against real labels on the 10,000 test images.
 
 Both take ``N x 1 x 28 x 28`` float32 normalised as ``(pixel - 72.94) / 90.02`` on 0..255
-(:mod:`calibration.fashion_mnist`) and return 10 logits.
+(:mod:`qwt_deploy.data.fashion_mnist`) and return 10 logits.
 
 - :class:`FashionCNN`: a ResNet-style CNN (conv-BN-ReLU, residual blocks of two 3x3 convs,
   stride-2 blocks with a 1x1 projection shortcut, global average pooling, Linear). It has the

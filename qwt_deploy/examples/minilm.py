@@ -19,9 +19,6 @@ matmul/softmax. :func:`check_against_reference` verifies the result equals the r
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -78,7 +75,7 @@ class SentenceEmbedder(torch.nn.Module):
 
     def example_inputs(self):
         """``(args, dynamic_shapes)`` for torch.export: dynamic batch and sequence axes, traced
-        at batch 2, length 8 (qwt_deploy.load.capture.export_program calls this)."""
+        at batch 2, length 8 (qwt_deploy.frontend.capture.export_program calls this)."""
         from torch.export import Dim
 
         batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=512)
@@ -100,13 +97,6 @@ def build() -> SentenceEmbedder:
     return SentenceEmbedder(bert.eval()).eval()
 
 
-def export_program(model: torch.nn.Module) -> torch.export.ExportedProgram:
-    """``torch.export`` with dynamic batch and sequence axes (see ``example_inputs``)."""
-    from ..load.capture import export_program as export
-
-    return export(model, None)
-
-
 def check_against_reference(model: SentenceEmbedder, tokenizer, sentences: list[str]) -> float:
     """Min cosine between our forward and Hugging Face's BertModel + the same pooling."""
     from transformers import AutoModel
@@ -121,49 +111,9 @@ def check_against_reference(model: SentenceEmbedder, tokenizer, sentences: list[
     return float((r * ours).sum(-1).min())
 
 
-@dataclass
-class MiniLMRun:
-    """One quantized MiniLM: the graph pieces, the shipped ONNX, and how long it took."""
-    graph: object
-    plan: object
-    result: object  # calibration.sequential.CalibrationResult
-    unfolded: object  # onnx.ModelProto
-    folded: object
-    n_folded: int
-    seconds: dict = field(default_factory=dict)
-
-
-def quantize(model: SentenceEmbedder, calib_ids: np.ndarray, calib_mask: np.ndarray, method: str = "qwt2",
-             w_bits: int = 8, a_bits: int = 8, batch_size: int = 32, keep_float: Optional[tuple] = None,
-             graph=None, progress=None, reference: str = "same-input") -> MiniLMRun:
-    """capture -> place (ORT) -> calibrate + compensate -> QDQ export -> fold."""
-    from calibration.sequential import CalibrationSettings, calibrate
-    from calibration.text import token_batches
-    from graph_passes import fold_cwac_into_weight_scales
-
-    from ..export.qdq import export_onnx
-    from ..load.capture import capture
-    from ..quantize.placement import plan_for_ort
-
-    t = {}
-    t0 = time.perf_counter()
-    graph = graph or capture(export_program(model))
-    t["capture"] = time.perf_counter() - t0
-    plan = plan_for_ort(graph, keep_float=keep_float if keep_float is not None else TRANSFORMER_KEEP_FLOAT)
-    result = calibrate(graph, plan, token_batches(calib_ids, calib_mask, batch_size),
-                       CalibrationSettings(method=method, w_bits=w_bits, a_bits=a_bits, reference=reference), progress)
-    t["calibrate"] = result.seconds
-    t0 = time.perf_counter()
-    unfolded = export_onnx(graph, plan, result.params, {"qwt_deploy.method": method,
-                                                        "qwt_deploy.bits": f"W{w_bits}A{a_bits}"})
-    folded, n = fold_cwac_into_weight_scales(unfolded)
-    t["export_fold"] = time.perf_counter() - t0
-    return MiniLMRun(graph, plan, result, unfolded, folded, n, t)
-
-
 def embed_ort(session, ids: np.ndarray, mask: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Embeddings from an ONNX Runtime session, batch by batch (each trimmed to its longest)."""
-    from calibration.inputs import InputSet
+    from qwt_deploy.data.inputs import InputSet
 
     inputs = InputSet(("input_ids", "attention_mask"), (ids, mask))
     order = inputs.order()

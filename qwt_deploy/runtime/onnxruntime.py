@@ -24,6 +24,9 @@ class SessionFromOnnx:
     # fusion would otherwise rewrite parts of it into its own integer kernels, which is
     # neither what TensorRT runs nor what the PyTorch simulation computes.
     disable_qdq_fusion: bool = False
+    config_entries: Optional[dict] = None  # extra session config entries (benches try ORT options)
+    disabled_optimizers: tuple[str, ...] = ()  # ORT graph transformers to skip, by name
+    profile_prefix: Optional[str] = None  # write an ORT profile (JSON) with this file prefix
 
     def __call__(self):
         import onnxruntime as ort
@@ -40,12 +43,18 @@ class SessionFromOnnx:
             so.add_session_config_entry("session.disable_quant_qdq", "1")
         if not self.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
+        for k, v in (self.config_entries or {}).items():
+            so.add_session_config_entry(k, v)
+        if self.profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = self.profile_prefix
+        extra = dict(disabled_optimizers=list(self.disabled_optimizers)) if self.disabled_optimizers else {}
+        return ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"], **extra)
 
 
 def run(session, x):
     """First output for ``x``: an array (single-input model), a feed dict, or anything with
-    ``feed(session)`` (``calibration.inputs.InputSet``: token ids + attention mask, ...)."""
+    ``feed(session)`` (``qwt_deploy.data.inputs.InputSet``: token ids + attention mask, ...)."""
     if isinstance(x, dict):
         feed = x
     else:
@@ -53,21 +62,41 @@ def run(session, x):
     return session.run(None, feed)[0]
 
 
-def interleaved_latency_ms(sessions: dict, x, rounds: int = 7, per_round: int = 5) -> dict:
-    """Median per-run time (ms) of each session on ``x`` (as :func:`run` takes it), measured in
-    alternating rounds in one process: these machines are noisy, so only ratios within one run
-    mean anything. Create the sessions with ``allow_spinning=False``."""
+@dataclass
+class LatencySamples:
+    """One session's timings from :func:`interleaved_samples_ms`."""
+
+    round_ms: list[float]  # mean ms per run, one value per round
+    run_ms: list[float]  # every single run (low percentiles ~ an undisturbed machine)
+
+
+def interleaved_samples_ms(sessions: dict, x, rounds: int = 7, per_round: int = 5, warmup: int = 1,
+                           feeds: Optional[dict] = None) -> dict[str, LatencySamples]:
+    """Time each session on ``x`` (as :func:`run` takes it; ``feeds`` may give a session its
+    own feed dict instead) in alternating rounds in one process: these machines are noisy, so
+    only ratios within one run mean anything. Every sample is kept. Create the sessions with
+    ``allow_spinning=False``."""
     import time
 
-    import numpy as np
-
-    times = {k: [] for k in sessions}
-    for s in sessions.values():
-        run(s, x)  # warm-up
+    inputs = {k: (feeds or {}).get(k, x) for k in sessions}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            run(s, inputs[k])
+    out = {k: LatencySamples([], []) for k in sessions}
     for _ in range(rounds):
         for k, s in sessions.items():
             t0 = time.perf_counter()
             for _ in range(per_round):
-                run(s, x)
-            times[k].append((time.perf_counter() - t0) / per_round * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+                t1 = time.perf_counter()
+                run(s, inputs[k])
+                out[k].run_ms.append((time.perf_counter() - t1) * 1e3)
+            out[k].round_ms.append((time.perf_counter() - t0) / per_round * 1e3)
+    return out
+
+
+def interleaved_latency_ms(sessions: dict, x, rounds: int = 7, per_round: int = 5) -> dict:
+    """Median per-run time (ms) of each session on ``x``, over the rounds of
+    :func:`interleaved_samples_ms`."""
+    import numpy as np
+
+    return {k: float(np.median(v.round_ms)) for k, v in interleaved_samples_ms(sessions, x, rounds, per_round).items()}
