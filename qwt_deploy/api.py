@@ -52,7 +52,7 @@ from .quantization.simulate import QuantParams, SimulatedModel
 from .runtime.onnxruntime import SessionFromOnnx, interleaved_latency_ms, run
 from .targets import Target
 
-ModelLike = Union[str, torch.nn.Module, "torch.export.ExportedProgram", LoadedModel]
+ModelLike = Union[str, torch.nn.Module, "torch.export.ExportedProgram", onnx.ModelProto, LoadedModel]
 CalibrationLike = Union[str, np.ndarray, Mapping[str, np.ndarray], InputSet, Iterable]
 Progress = Callable[[int, int, str], None]
 
@@ -150,6 +150,8 @@ def load(model: ModelLike, *, factory: Optional[str] = None, trust_pickle: bool 
     ``ExportedProgram`` as a :class:`LoadedModel`."""
     if isinstance(model, LoadedModel):
         return model
+    if isinstance(model, onnx.ModelProto):
+        return LoadedModel(onnx=model, description="FP32 ONNX (in memory)")
     if isinstance(model, torch.export.ExportedProgram):
         return LoadedModel(program=model, description="torch.export program (in memory)")
     if isinstance(model, torch.nn.Module):
@@ -161,8 +163,14 @@ def load(model: ModelLike, *, factory: Optional[str] = None, trust_pickle: bool 
 
 
 def capture_graph(loaded: LoadedModel, example_shape: tuple[int, ...] = (3, 224, 224)) -> Graph:
-    """The IR of a loaded model; a module is traced with ``torch.export`` first (a module with
-    token inputs traces itself: ``model.example_inputs()``, see load.capture.export_program)."""
+    """The IR of a loaded model: an FP32 ONNX graph through frontend.onnx_graph (quantizable
+    nodes as IR ops, every other node a float node); a program through the aten capture; a
+    module is traced with ``torch.export`` first (a module with token inputs traces itself:
+    ``model.example_inputs()``, see frontend.capture.export_program)."""
+    if loaded.onnx is not None:
+        from .frontend.onnx_graph import graph_from_onnx
+
+        return graph_from_onnx(loaded.onnx)
     program = loaded.program or export_program(loaded.module, torch.zeros((2,) + tuple(example_shape)))
     return capture(program)
 
@@ -174,7 +182,10 @@ def calibration_inputs(calibration: CalibrationLike, graph: Graph, num: int = 51
     ``example:NAME`` is resolved here (the data loaders know no examples)."""
     pre = preprocess or Preprocess()
     names = tuple(graph.inputs)
-    single_float = len(names) == 1 and graph.is_float_input(names[0])
+    # one float input with fixed non-batch axes: validated against its shape; dynamic axes
+    # (an ONNX source with named H, W) by validate_inputs, which checks them for consistency
+    single_float = len(names) == 1 and graph.is_float_input(names[0]) and \
+        all(isinstance(d, int) for d in graph.dims(names[0])[1:])
     if isinstance(calibration, str):
         example = example_from_source(calibration)
         if example is None:
@@ -236,6 +247,10 @@ def quantize(model: ModelLike, calibration: CalibrationLike, config: Optional[Qu
 
     t = time.perf_counter()
     x = calibration_inputs(calibration, graph, cfg.num_calib, cfg.preprocess, cfg.seed)
+    if loaded.onnx_converted_from:  # an older opset converted up: same outputs on the user's data?
+        from .frontend.onnx_source import check_conversion
+
+        check_conversion(loaded.onnx_converted_from, loaded.onnx, dict(zip(x.names, x.head(4).arrays)))
     if len(x) < cfg.num_calib and not (isinstance(calibration, str) and calibration in ("synthetic", "bundled")):
         logger.info(f"note: {len(x)} calibration samples available (asked for {cfg.num_calib})")
     timing["data"] = time.perf_counter() - t
@@ -369,6 +384,9 @@ def check(model: ModelLike, calibration: CalibrationLike, inputs: CalibrationLik
 def model_report(exported: ExportedModel) -> dict:
     """What calibration fitted, per layer and per block, for the JSON report."""
     qm = exported.quantized
+    float_nodes = [dict(node=n.name, op_type=n.attrs["proto"].op_type) for n in qm.graph.nodes if n.op == "onnx"]
     return dict(layers=[asdict(l) for l in qm.result.layers], folded_layers=exported.n_folded,
+                # an ONNX source: the nodes left in float, run by ONNX Runtime node by node in the simulation
+                float_nodes=float_nodes,
                 compensation=compensation_summary(qm.graph, qm.result),
                 node_count=dict(unfolded=len(exported.unfolded.graph.node), folded=len(exported.folded.graph.node)))

@@ -65,6 +65,7 @@ class ExportReport:
     folded_layers: int
     compensation: dict
     node_count: dict
+    float_nodes: list
     int8_coverage: dict
     ort_vs_pytorch: dict
     latency: Optional[dict]

@@ -216,7 +216,7 @@ def build_paths(cfg: CheckConfig, targets: list[CheckedFile], threads: int = 2, 
 
     t0 = targets[0]
     g = t0.qm.graph
-    out_names = {v: "output" if len(g.outputs) == 1 else f"output_{i}" for i, v in enumerate(g.outputs)}
+    out_names = dict(zip(g.outputs, (o.name for o in t0.model.graph.output)))  # as the file names them
     specs = input_specs(g, onnx_input_names(t0.model))
     if values is None:
         values = list(g.inputs) + [n.output for n in g.nodes]

@@ -41,6 +41,23 @@ class OnnxBuilder:
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=node_name, **attrs))
         return out
 
+    def node(self, proto: onnx.NodeProto, name: str) -> list[str]:
+        """Append a node copied from a source graph (attributes, subgraphs and domain kept),
+        under a unique name, with fresh output names; returns them ("" stays "")."""
+        # node names and tensor names are separate namespaces in ONNX: keep the source node's
+        # name unless another node already has it
+        taken = {n.name for n in self.nodes}
+        base, i, node_name = proto.name or name, 1, proto.name or name
+        while node_name in taken:
+            i += 1
+            node_name = f"{base}_{i}"
+        proto.name = node_name
+        outs = [self._unique(f"{node_name}:{k}") if t else "" for k, t in enumerate(proto.output)]
+        del proto.output[:]
+        proto.output.extend(outs)
+        self.nodes.append(proto)
+        return outs
+
     def rename(self, old: str, new: str) -> None:
         for n in self.nodes:
             for io in (n.input, n.output):
@@ -71,15 +88,20 @@ class OnnxBuilder:
         return self.op("DequantizeLinear", [q, s, z], name, **attrs)
 
     def model(self, input_name: str, input_shape: list, outputs: dict[str, list], graph_name: str,
-              metadata: dict[str, str], inputs: Optional[list[tuple[str, int, list]]] = None) -> onnx.ModelProto:
+              metadata: dict[str, str], inputs: Optional[list[tuple[str, int, list]]] = None,
+              opset: Optional[int] = None, opset_imports: Optional[dict[str, int]] = None) -> onnx.ModelProto:
         """``inputs``, if given, replaces the single float input: (name, TensorProto type, shape)
         per graph input, e.g. int64 token ids and attention mask with dynamic axes."""
         inps = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_shape)] if inputs is None else \
             [helper.make_tensor_value_info(name, elem, shape) for name, elem, shape in inputs]
         outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, shape) for o, shape in outputs.items()]
         graph = helper.make_graph(self.nodes, graph_name, inps, outs, initializer=list(self.inits.values()))
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qwt-deploy")
-        m.ir_version = IR_VERSION
+        opset = max(OPSET, opset or OPSET)
+        domains = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in sorted((opset_imports or {}).items())
+                                                      if d not in ("", "ai.onnx")]
+        m = helper.make_model(graph, opset_imports=domains, producer_name="qwt-deploy")
+        # the IR version of the opset, so older runtimes load the file (opset 17: 8; 18-20: 9; 21+: 10)
+        m.ir_version = IR_VERSION if opset == OPSET else (9 if opset <= 20 else 10)
         for k in sorted(metadata):
             m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=str(metadata[k])))
         return m

@@ -112,7 +112,7 @@ def export_onnx(
 
     x = graph.inputs[0]
     # one input keeps the name "input"; several (input_ids, attention_mask) keep their own
-    input_names = {v: ("input" if len(graph.inputs) == 1 else v) for v in graph.inputs}
+    input_names = {v: ("input" if len(graph.inputs) == 1 and not graph.keep_io_names else v) for v in graph.inputs}
     for v in graph.inputs:
         publish(v, input_names[v], True)
     for n in graph.nodes:
@@ -168,7 +168,7 @@ def export_onnx(
     # graph outputs keep readable names
     outs = {}
     for i, v in enumerate(graph.outputs):
-        name = "output" if len(graph.outputs) == 1 else f"output_{i}"
+        name = v if graph.keep_io_names else "output" if len(graph.outputs) == 1 else f"output_{i}"
         seen = reader_sees(v, None)
         g.rename(seen, name)
         names = {k: (name if t == seen else t) for k, t in names.items()}
@@ -181,6 +181,6 @@ def export_onnx(
         inputs = [(input_names[v], helper.np_dtype_to_tensor_dtype(np.dtype(str(graph.input_dtypes.get(v, "float32")).replace("torch.", ""))),
                    graph.dims(v)) for v in graph.inputs]
         return g.model(inputs[0][0], inputs[0][2], outs, "qwt_int8" if quantized else "fp32", metadata or {},
-                       inputs=inputs)
+                       inputs=inputs, opset=graph.opset)
     shape = ["batch"] + [int(d) for d in graph.input_shapes[x][1:]]
     return g.model("input", shape, outs, "qwt_int8" if quantized else "fp32", metadata or {})

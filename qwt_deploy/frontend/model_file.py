@@ -30,6 +30,9 @@ class LoadedModel:
     program: Optional[torch.export.ExportedProgram] = None
     module: Optional[torch.nn.Module] = None
     description: str = ""
+    onnx: Optional["onnx.ModelProto"] = None  # an FP32 ONNX graph (frontend.onnx_graph translates it)
+    # the user's file when ``onnx`` is its conversion to a newer opset (checked against it by the API)
+    onnx_converted_from: Optional[str] = None
 
 
 def _zip_names(path: str) -> list[str]:
@@ -113,8 +116,13 @@ def load_model(path: Optional[str], factory: Optional[str] = None, trust_pickle:
         raise QwtError(f"{path} is a TorchScript archive, which keeps no aten graph we can quantize faithfully",
                        "save a torch.export program instead: torch.export.save(torch.export.export(model, (x,)), 'model.pt2')")
     if kind == "onnx":
-        raise QwtError(f"{path} is an ONNX file, not a PyTorch model",
-                       "qwt-export takes the PyTorch model; export with torch.export.save first")
+        from .onnx_source import load_fp32_onnx, source_opset
+
+        model = load_fp32_onnx(path)
+        converted = source_opset(path) != source_opset(model)
+        return LoadedModel(onnx=model, onnx_converted_from=path if converted else None,
+                           description=f"FP32 ONNX {path}" + (f" (opset {source_opset(path)} converted to "
+                                                              f"{source_opset(model)})" if converted else ""))
     if kind == "torch-save":
         if not trust_pickle:
             obj = None

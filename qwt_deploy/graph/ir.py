@@ -59,6 +59,10 @@ class Graph:
     # inputs/outputs with dynamic axes: per dim a name ("batch", "seq") or a fixed size;
     # absent = dim 0 is "batch", the rest fixed (CNN captures)
     dim_names: dict[str, tuple] = field(default_factory=dict)
+    # an ONNX source (frontend.onnx_graph): inputs/outputs keep their ONNX names (else "input",
+    # "output"), and the export uses the source's opset when it is above the exporter's own
+    keep_io_names: bool = False
+    opset: Optional[int] = None
 
     def is_float_input(self, value: str) -> bool:
         return self.input_dtypes.get(value, torch.float32).is_floating_point

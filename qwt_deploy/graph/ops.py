@@ -19,6 +19,7 @@ import enum
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -353,5 +354,55 @@ OPS.update({
         OpSpec("l2norm", Role.FLOAT,
                lambda n, xs, w, b: torch.linalg.vector_norm(xs[0], 2, n.attrs["dims"], n.attrs["keepdim"]),
                _l2norm_emit),
+    ]
+})
+
+
+# -- ONNX float nodes (frontend.onnx_graph) ---------------------------------------------------
+# Any ONNX node the pipeline does not quantize: the simulation runs it through the model's
+# FloatNodeRunner (onnx2torch, or ONNX Runtime for that one node: frontend.onnx_ops), and the
+# exporter copies it verbatim. A node with several outputs yields a tuple; ``onnx_output``
+# nodes pick its items.
+
+
+def _onnx_inputs(node, xs):
+    consts, it = node.attrs["const_inputs"], iter(xs)
+    out = []
+    for k, t in enumerate(node.attrs["proto"].input):
+        if k in consts:
+            out.append(torch.from_numpy(np.array(consts[k])))
+        else:
+            out.append(next(it) if t else None)
+    return out
+
+
+def _onnx_forward(node, xs, w, b):
+    outs = node.attrs["runner"].run(node.attrs["runner_key"], _onnx_inputs(node, xs))
+    return tuple(outs) if node.attrs["multi"] else outs[0]
+
+
+def _onnx_emit(g, node, ins, w, b):
+    import copy
+
+    proto = copy.deepcopy(node.attrs["proto"])
+    consts, it = node.attrs["const_inputs"], iter(ins)
+    names = []
+    for k, t in enumerate(proto.input):
+        if k in consts:
+            names.append(g.const(t, np.array(consts[k])))
+        else:
+            names.append(next(it) if t else "")
+    del proto.input[:]
+    proto.input.extend(names)
+    outs = g.node(proto, node.name)
+    return tuple(outs) if node.attrs["multi"] else outs[0]
+
+
+OPS.update({
+    s.name: s
+    for s in [
+        OpSpec("onnx", Role.FLOAT, _onnx_forward, _onnx_emit),
+        OpSpec("onnx_output", Role.FLOAT, lambda n, xs, w, b: xs[0][n.attrs["index"]],
+               lambda g, n, ins, w, b: ins[0][n.attrs["index"]]),
     ]
 })

