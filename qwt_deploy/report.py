@@ -38,6 +38,12 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
         ("calibration", f"{r['calibration']['samples']} samples from {r['calibration']['source']}, {r['timing_s']['calibrate']:.1f} s"),
         ("compensated layers", f"{len(r['layers'])}, folded {r['folded_layers']} (no extra nodes)"),
     ]
+    if r.get("float_nodes"):
+        kinds = {}
+        for f in r["float_nodes"]:
+            kinds[f["op_type"]] = kinds.get(f["op_type"], 0) + 1
+        rows.append(("float nodes (ONNX)", f"{len(r['float_nodes'])} kept float, run by ONNX Runtime in the simulation "
+                     f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})"))
     c = r.get("compensation") or {}
     if c.get("blocks_found"):
         r2 = [b["r2"] for b in c["blocks"]]
