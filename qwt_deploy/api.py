@@ -182,10 +182,8 @@ def calibration_inputs(calibration: CalibrationLike, graph: Graph, num: int = 51
     ``example:NAME`` is resolved here (the data loaders know no examples)."""
     pre = preprocess or Preprocess()
     names = tuple(graph.inputs)
-    # one float input with fixed non-batch axes: validated against its shape; dynamic axes
-    # (an ONNX source with named H, W) by validate_inputs, which checks them for consistency
-    single_float = len(names) == 1 and graph.is_float_input(names[0]) and \
-        all(isinstance(d, int) for d in graph.dims(names[0])[1:])
+    # one float input: validated against its shape (a named, dynamic axis takes any size)
+    single_float = len(names) == 1 and graph.is_float_input(names[0])
     if isinstance(calibration, str):
         example = example_from_source(calibration)
         if example is None:
@@ -215,7 +213,7 @@ def calibration_inputs(calibration: CalibrationLike, graph: Graph, num: int = 51
     if single_float:
         if names[0] not in arrays:
             raise QwtError(f"the calibration data has no array for input {names[0]}", f"name it {names[0]}")
-        return InputSet.single(names[0], validate(arrays[names[0]][:num], graph.input_shapes[names[0]][1:], source))
+        return InputSet.single(names[0], validate(arrays[names[0]][:num], tuple(graph.dims(names[0])[1:]), source))
     missing = [n for n in names if n not in arrays]
     if missing:
         raise QwtError(f"the calibration data has no array for {', '.join(missing)}",

@@ -80,8 +80,13 @@ def for_channels(pre: Preprocess, channels: int) -> Preprocess:
 
 
 def load_calibration(source: str, input_shape: tuple, num: int, pre: Preprocess, seed: int = 0) -> np.ndarray:
-    """Return at most ``num`` validated samples shaped like the model input (without batch)."""
+    """Return at most ``num`` validated samples shaped like the model input (without batch).
+    An axis given as a name (a dynamic axis of an ONNX input, e.g. "height") takes any size."""
     if source == "synthetic":
+        if not all(isinstance(d, int) for d in input_shape):
+            raise QwtError(f"synthetic calibration data needs fixed input axes, the model takes "
+                           f"N x {' x '.join(str(d) for d in input_shape)}",
+                           "pass real calibration data (.npy/.npz or an image folder)")
         warnings.warn("synthetic calibration data: accuracy figures made with it mean nothing", stacklevel=2)
         rng = np.random.default_rng(seed)
         return rng.standard_normal((num,) + tuple(input_shape), dtype=np.float32)
@@ -90,7 +95,8 @@ def load_calibration(source: str, input_shape: tuple, num: int, pre: Preprocess,
 
         x = crops(calibration_photos(), num, pre, seed)
     elif os.path.isdir(source):
-        x = load_image_folder(source, for_channels(pre, input_shape[0] if input_shape else 3), num)
+        channels = input_shape[0] if input_shape and isinstance(input_shape[0], int) else 3
+        x = load_image_folder(source, for_channels(pre, channels), num)
     elif os.path.isfile(source):
         x = load_array(source)[:num]
     else:
@@ -101,7 +107,7 @@ def load_calibration(source: str, input_shape: tuple, num: int, pre: Preprocess,
 def validate(x: np.ndarray, input_shape: tuple, source: str) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number):
         raise QwtError(f"calibration data {source} has dtype {x.dtype}", "store float32 numbers")
-    if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
+    if x.ndim != len(input_shape) + 1 or any(isinstance(d, int) and d != n for d, n in zip(input_shape, x.shape[1:])):
         want = "N x " + " x ".join(str(d) for d in input_shape)
         raise QwtError(f"calibration data {source} has shape {tuple(x.shape)} but the model takes {want}",
                        "preprocess the data to the model's input shape (N first)")
@@ -139,7 +145,7 @@ def load_model_inputs(source: str, graph, num: int, pre: Preprocess, seed: int =
 
     if len(graph.inputs) == 1 and graph.is_float_input(graph.inputs[0]):
         name = graph.inputs[0]
-        return InputSet.single(name, load_calibration(source, graph.input_shapes[name][1:], num, pre, seed))
+        return InputSet.single(name, load_calibration(source, tuple(graph.dims(name)[1:]), num, pre, seed))
     names = ", ".join(graph.inputs)
     fix = f"pass an .npz with one array per input: numpy.savez('calib.npz', {', '.join(f'{n}=...' for n in graph.inputs)})"
     if source in ("synthetic", "bundled") or os.path.isdir(source):

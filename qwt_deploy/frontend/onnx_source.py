@@ -449,32 +449,29 @@ def strip_volatile(model: onnx.ModelProto) -> None:
     (the exporter records each node's Python stack trace with absolute file paths, the fx node
     repr and the module hierarchy). Names, shapes, attributes and weights stay."""
 
+    def clear(x):  # anything with a doc string and metadata (model, graph, value, tensor, node, function)
+        x.doc_string = ""
+        del x.metadata_props[:]
+
     def graph(gr):
-        gr.doc_string = ""
-        del gr.metadata_props[:]
-        for v in list(gr.input) + list(gr.output) + list(gr.value_info):
-            v.doc_string = ""
-            del v.metadata_props[:]
-        for t in gr.initializer:
-            t.doc_string = ""
-            del t.metadata_props[:]
-        for n in gr.node:
-            n.doc_string = ""
-            del n.metadata_props[:]
+        clear(gr)
+        for x in list(gr.input) + list(gr.output) + list(gr.value_info) + list(gr.initializer):
+            clear(x)
+        nodes(gr.node)
+
+    def nodes(ns):
+        for n in ns:
+            clear(n)
             for a in n.attribute:
                 a.doc_string = ""
                 for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
                     graph(sub)
 
-    model.doc_string = ""
-    del model.metadata_props[:]
+    clear(model)
     graph(model.graph)
     for f in model.functions:
-        f.doc_string = ""
-        del f.metadata_props[:]
-        for n in f.node:
-            n.doc_string = ""
-            del n.metadata_props[:]
+        clear(f)
+        nodes(f.node)
 
 
 def _check_exported(model: onnx.ModelProto) -> None:

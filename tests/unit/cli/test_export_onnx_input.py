@@ -49,3 +49,29 @@ def test_an_already_quantized_onnx_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "already quantized" in err[0] and "Fix:" in err[0]
     assert not (tmp_path / "qq.onnx").exists()
+
+
+def test_dynamic_onnx_axes_take_calibration_data_of_any_size(tmp_path, capsys):
+    """An ONNX input with named height and width (a detector) calibrates on a .npy of any fixed
+    size; a wrong channel count is still one line and exit 2."""
+    import onnx as _onnx
+
+    _model(tmp_path / "m.onnx")
+    m = _onnx.load(str(tmp_path / "m.onnx"))
+    for d, name in zip(m.graph.input[0].type.tensor_type.shape.dim[2:], ("height", "width")):
+        d.ClearField("dim_value")
+        d.dim_param = name
+    for d in m.graph.output[0].type.tensor_type.shape.dim[2:]:
+        d.ClearField("dim_value")
+        d.dim_param = "hw"
+    _onnx.save(m, str(tmp_path / "dyn.onnx"))
+    np.save(tmp_path / "calib.npy", np.random.default_rng(1).normal(0, 1, (16, 3, 12, 20)).astype(np.float32))
+    assert main([str(tmp_path / "dyn.onnx"), "--calib-data", str(tmp_path / "calib.npy"), "-o", str(tmp_path / "q.onnx"),
+                 "--quiet", "--no-latency"]) == 0
+    q = _onnx.load(str(tmp_path / "q.onnx"))
+    assert [d.dim_param for d in q.graph.input[0].type.tensor_type.shape.dim] == ["N", "", "height", "width"]
+    capsys.readouterr()
+    np.save(tmp_path / "bad.npy", np.zeros((4, 1, 12, 20), np.float32))
+    rc = main([str(tmp_path / "dyn.onnx"), "--calib-data", str(tmp_path / "bad.npy"), "-o", str(tmp_path / "q2.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "N x 3 x height x width" in err[0], err
