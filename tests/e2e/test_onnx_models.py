@@ -108,13 +108,16 @@ def test_lite0_from_its_fp32_onnx_matches_the_pytorch_input(tmp_path):
     onnx_path = str(tmp_path / "lite0.onnx")
     torch.onnx.export(build(), (torch.zeros(1, 3, 224, 224),), onnx_path, dynamo=True,
                       dynamic_shapes=({0: torch.export.Dim("batch")},))
-    qm = qd.quantize(onnx_path, "bundled", qd.QuantizeConfig(num_calib=512))
+    qm = qd.quantize(onnx_path, "bundled", qd.QuantizeConfig(num_calib=256))  # half the default: suite time
     ex = qd.export(qm, str(tmp_path / "lite0.int8.onnx"))
     held = _photos(525, LITE0, 1, evaluation=True)
-    v = qd.verify(ex, held, measure_latency=False)
+    v = qd.verify(ex, held[:64], measure_latency=False)  # the simulation is the slow side: 64 crops
     assert v.coverage["integer_ops"] == v.coverage["compute_ops"] == 60, v.coverage
     assert v.agreement.within_1_step >= 0.999
-    fp32 = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    ref = np.concatenate([fp32.run(None, {"inputs": held[i:i + 64]})[0] for i in range(0, 525, 64)])
-    got = qm(held)
-    assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.975  # PyTorch input: 0.981 (same crops)
+
+    def logits(path):
+        s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return np.concatenate([s.run(None, {"inputs": held[i:i + 64]})[0] for i in range(0, len(held), 64)])
+
+    ref, got = logits(onnx_path), logits(str(tmp_path / "lite0.int8.onnx"))
+    assert float(np.mean(ref.argmax(1) == got.argmax(1))) >= 0.975  # PyTorch input, 512 crops: 0.981
