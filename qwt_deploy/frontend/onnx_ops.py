@@ -31,7 +31,7 @@ those, ``prefer="onnx2torch"`` keeps the torch path: all three graphs convert co
 the shim below, and :meth:`FloatNodeRunner.verify` moves any node that disagrees with ONNX
 Runtime on real inputs (or raises) to a session.
 
-Measured 2-core Xeon (shared; load ~1.4 from other jobs), torch 2.13.0+cpu, onnxruntime 1.32.0,
+Measured on the 2-core AMD EPYC (shared; load ~1.4 from other jobs), torch 2.13.0+cpu, onnxruntime 1.32.0,
 onnx2torch 1.5.15, 2 threads, one real image each, warm, min (median) of 11 interleaved runs, ms:
 
 =========================== ============ ========= ============ ============= =========== =============
