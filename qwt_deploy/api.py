@@ -321,11 +321,11 @@ def check_session(exported: ExportedModel, threads: int = 2, optimized_model_pat
 
 
 def verify(exported: ExportedModel, inputs: Optional[CalibrationLike] = None, *, threads: int = 2,
-           measure_latency: bool = True, samples: int = 64) -> Verification:
+           measure_latency: bool = True, samples: int = 64, fp32: Optional[onnx.ModelProto] = None) -> Verification:
     """Step 6: run the exported file in ONNX Runtime and compare it with the PyTorch simulation
     on ``inputs`` (any form :func:`quantize` takes; default: the last ``samples`` calibration
     samples), in output quantization steps; INT8 kernel coverage; batch-1 latency against FP32,
-    interleaved in one process."""
+    interleaved in one process (against ``fp32``, default: :func:`export_float` of the model)."""
     qm, target = exported.quantized, exported.quantized.target
     if inputs is None:
         x = qm.inputs.tail(samples)
@@ -348,7 +348,7 @@ def verify(exported: ExportedModel, inputs: Optional[CalibrationLike] = None, *,
         plain_float = compare(ref, run(plain, x)).to_dict()
     latency = None
     if measure_latency and target.integer_kernels:  # float simulation timings say nothing about the backend
-        fsess = SessionFromOnnx(export_float(qm).SerializeToString(), threads, allow_spinning=False)()
+        fsess = SessionFromOnnx((fp32 or export_float(qm)).SerializeToString(), threads, allow_spinning=False)()
         ms = interleaved_latency_ms({"int8": sess, "fp32": fsess}, x.head(1))
         latency = dict(int8_ms=ms["int8"], fp32_ms=ms["fp32"], ratio=ms["int8"] / ms["fp32"], batch=1, threads=threads)
     return Verification(agreement=agreement, samples=int(len(x)), coverage=coverage, latency=latency,

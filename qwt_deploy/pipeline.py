@@ -107,7 +107,7 @@ def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], N
 
     # 6. run + check against the PyTorch simulation
     t = time.perf_counter()
-    v = api.verify(ex, held_out_inputs(cfg, qm), threads=cfg.threads, measure_latency=cfg.measure_latency)
+    v = api.verify(ex, held_out_inputs(cfg, qm), threads=cfg.threads, measure_latency=cfg.measure_latency, fp32=fp32)
     timing["check"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t_start
 

@@ -149,7 +149,8 @@ class _Translator:
 
     def float_node(self, n: onnx.NodeProto, name: str) -> None:
         """A node the pipeline leaves in float: run by the FloatNodeRunner, exported verbatim."""
-        const_inputs = {k: self.consts[t] for k, t in enumerate(n.input) if t in self.consts}
+        # converted to tensors once here, not on every calibration batch
+        const_inputs = {k: torch.from_numpy(np.array(self.consts[t])) for k, t in enumerate(n.input) if t in self.consts}
         act = [t for t in n.input if t and t not in self.consts]
         missing = [t for t in act if t not in self.value]
         if missing:

@@ -370,7 +370,7 @@ def _onnx_inputs(node, xs):
     out = []
     for k, t in enumerate(node.attrs["proto"].input):
         if k in consts:
-            out.append(torch.from_numpy(np.array(consts[k])))
+            out.append(consts[k])
         else:
             out.append(next(it) if t else None)
     return out
@@ -389,7 +389,7 @@ def _onnx_emit(g, node, ins, w, b):
     names = []
     for k, t in enumerate(proto.input):
         if k in consts:
-            names.append(g.const(t, np.array(consts[k])))
+            names.append(g.const(t, consts[k].numpy()))
         else:
             names.append(next(it) if t else "")
     del proto.input[:]
