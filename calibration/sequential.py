@@ -191,7 +191,7 @@ def calibrate(
                 progress(i, total, n.name)
             spec = OPS[n.op]
             ins = [raw[v] if v in raw and not plan.sees_quantized(v, n.name) else quant[v] for v in n.inputs]
-            if spec.role is Role.WEIGHTED:
+            if spec.role is Role.WEIGHTED and n.name in params.weights:  # (a layer kept float has none)
                 if params.int32_bias:  # only an INT32 bias can overflow (a float bias cannot)
                     params.weights[n.name] = fit_weight_scale_to_int32_bias(
                         params.weights[n.name], n.weight, n.bias, params.acts[n.inputs[0]].scale)

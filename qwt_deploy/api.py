@@ -43,7 +43,6 @@ from .errors import QwtError
 from .examples import example_from_source
 from .exporter.qdq import export_onnx
 from .graph.ir import Graph
-from .frontend.capture import capture, export_program
 from .frontend.model_file import LoadedModel, load_model
 from .graph_passes import fold_cwac_into_weight_scales
 from .log import logger
@@ -163,16 +162,25 @@ def load(model: ModelLike, *, factory: Optional[str] = None, trust_pickle: bool 
 
 
 def capture_graph(loaded: LoadedModel, example_shape: tuple[int, ...] = (3, 224, 224)) -> Graph:
-    """The IR of a loaded model: an FP32 ONNX graph through frontend.onnx_graph (quantizable
-    nodes as IR ops, every other node a float node); a program through the aten capture; a
-    module is traced with ``torch.export`` first (a module with token inputs traces itself:
-    ``model.example_inputs()``, see frontend.capture.export_program)."""
-    if loaded.onnx is not None:
-        from .frontend.onnx_graph import graph_from_onnx
+    """The IR of a loaded model, always through an FP32 ONNX graph (the pipeline's one front end):
+    a module or a ``torch.export`` program is first exported by PyTorch's own exporter
+    (frontend.onnx_source.fp32_onnx_from_module: dynamo, opset 20, node names = module paths),
+    and kept as ``loaded.onnx``; frontend.onnx_graph then makes quantizable nodes IR ops and
+    every other node a float node. A plain module is traced on a batch of 2 zero images of
+    ``example_shape`` with a dynamic batch axis; a module with token inputs traces itself
+    (``model.example_inputs()``). A program traced at a fixed batch is made batch-free
+    (frontend.onnx_source.free_batch_axis, checked in ONNX Runtime)."""
+    from .frontend.onnx_graph import graph_from_onnx
+    from .frontend.onnx_source import fp32_onnx_from_module, free_batch_axis
 
-        return graph_from_onnx(loaded.onnx)
-    program = loaded.program or export_program(loaded.module, torch.zeros((2,) + tuple(example_shape)))
-    return capture(program)
+    if loaded.onnx is None:
+        if loaded.program is not None:  # traced by the user, often at a fixed batch: freed, and proven free
+            loaded.onnx = fp32_onnx_from_module(loaded.program)
+            free_batch_axis(loaded.onnx)
+        else:
+            example = torch.zeros((2,) + tuple(example_shape))
+            loaded.onnx = fp32_onnx_from_module(loaded.module, (example,), ({0: torch.export.Dim.AUTO},))
+    return graph_from_onnx(loaded.onnx)
 
 
 # ---------------------------------------------------------------------------------------- data

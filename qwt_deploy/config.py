@@ -31,7 +31,8 @@ class QuantizeConfig:
     batch_size: int = 32
     seed: int = 0
     threads: int = 2
-    # op kinds kept float (placement.DEFAULT_KEEP_FLOAT); e.g. add "add" for transformers
+    # kept float: op kinds, node names, "re:PATTERN" (placement.resolve_keep_float); e.g. add
+    # "add" for transformers. A name or pattern that selects no node is an error (Target.plan)
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     preprocess: Preprocess = field(default_factory=Preprocess)  # for image folders and bundled photos
     example_shape: tuple[int, ...] = (3, 224, 224)  # one image input: the shape an nn.Module is traced with
@@ -60,7 +61,7 @@ class ExportConfig:
     keep_unfolded: bool = False
     example_shape: tuple[int, ...] = (3, 224, 224)  # only for nn.Modules that need tracing
     labels_file: Optional[str] = None  # class names, one per line, written into the ONNX metadata
-    # op kinds that stay float (placement.DEFAULT_KEEP_FLOAT); e.g. add "add" for transformers
+    # kept float: op kinds, node names, "re:PATTERN" (see QuantizeConfig.keep_float)
     keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
     # --target ort: zero-pad quantized Convs' input channels to a multiple of 4 so ONNX Runtime's
     # fast MLAS INT8 conv kernel runs them (exact; graph_passes/pad_conv_input_channels.py)

@@ -59,10 +59,27 @@ def small_cnn():
     return make_small_cnn()
 
 
+def export_program(model, example):
+    """``torch.export`` of a module in eval mode, as a user saves a ``.pt2`` (a fixed batch); a
+    token model traces itself with its ``example_inputs()`` (dynamic batch and sequence)."""
+    dynamic = None
+    if callable(getattr(model, "example_inputs", None)):
+        example, dynamic = model.example_inputs()
+    args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    with torch.no_grad():
+        return torch.export.export(model.eval(), args, dynamic_shapes=dynamic)
+
+
+def capture(model, example_shape=(3, 224, 224)):
+    """The IR the pipeline quantizes for a module or program: through its FP32 ONNX graph
+    (qwt_deploy.api.capture_graph, the one front end)."""
+    from qwt_deploy import api
+
+    return api.capture_graph(api.load(model), example_shape)
+
+
 @pytest.fixture(scope="session")
 def small_program(small_cnn):
-    from qwt_deploy.frontend.capture import export_program
-
     return export_program(small_cnn, torch.zeros(2, 3, 32, 32))
 
 

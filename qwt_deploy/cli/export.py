@@ -115,11 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "qwt,qwt2 = both")
     q.add_argument("--w-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}", help="weight bits (default 8)")
     q.add_argument("--a-bits", type=int, default=8, choices=range(2, 9), metavar="{2..8}", help="activation bits (default 8)")
-    q.add_argument("--keep-float", default=DEFAULT_KEEP_FLOAT, metavar="OPS",
-                   help="comma-separated op kinds left in float (default layer_norm,softmax,gelu: no integer "
-                        "kernel, or the attention mask in softmax's input); add 'add' to keep residual adds "
-                        "float (transformers' outlier channels; the minilm example's default); remove one to "
-                        "quantize it")
+    q.add_argument("--keep-float", default=DEFAULT_KEEP_FLOAT, metavar="LIST",
+                   help="comma-separated nodes left in float, each an op kind (add, mul, conv, linear, matmul, "
+                        "embedding: every node of that kind; or an ONNX op type), an exact node name "
+                        "(_blocks.15._project_conv: the module path, as the report's layer table names it), or "
+                        "re:PATTERN (a regular expression searched in node names), e.g. --keep-float "
+                        "'add,_blocks.15._project_conv,re:^_blocks\\.1[45]\\.'. A Conv/Linear kept float keeps its "
+                        "float weights (on --target ort, ONNX Runtime may still quantize a float Conv that reads a "
+                        "quantized value). A name or pattern that selects no node, or a word that is none of these, "
+                        "is an error; a kind the model lacks is not. LayerNorm, Softmax, GELU and every op without "
+                        "an integer kernel are float anyway. Use 'add' to keep residual adds float (transformers' "
+                        "outlier channels; the minilm example's default)")
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="auto", help="activation range observer; "
                    "auto (default) = minmax for --target ort, mse for --target trt (symmetric INT8 wastes half "
                    "its grid on ReLU outputs, so clipping outliers pays there)")
@@ -157,14 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _keep_float(text: str) -> tuple[str, ...]:
-    from ..graph.ops import OPS
+    """The --keep-float entries. Whether each selects a node is for the model's graph to say
+    (Target.plan); only a malformed re: pattern fails here, before the model is loaded."""
+    from ..quantization.placement import REGEX_PREFIX, compile_pattern
 
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in OPS]
-    if bad:
-        raise QwtError(f"--keep-float names unknown op kinds {', '.join(bad)}",
-                       "use IR op kinds such as layer_norm, softmax, gelu, add, mul, sigmoid")
-    return kinds
+    entries = tuple(k.strip() for k in text.split(",") if k.strip())
+    for e in entries:
+        if e.startswith(REGEX_PREFIX):
+            compile_pattern(e)
+    return entries
 
 
 def config_from_args(a) -> "ExportConfig":

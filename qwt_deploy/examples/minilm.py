@@ -75,7 +75,7 @@ class SentenceEmbedder(torch.nn.Module):
 
     def example_inputs(self):
         """``(args, dynamic_shapes)`` for torch.export: dynamic batch and sequence axes, traced
-        at batch 2, length 8 (qwt_deploy.frontend.capture.export_program calls this)."""
+        at batch 2, length 8 (qwt_deploy.frontend.onnx_source.fp32_onnx_from_module calls this)."""
         from torch.export import Dim
 
         batch, seq = Dim("batch", min=1, max=4096), Dim("seq", min=2, max=512)

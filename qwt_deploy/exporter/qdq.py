@@ -119,15 +119,16 @@ def export_onnx(
         spec = OPS[n.op]
         ins = [reader_sees(v, n.name) for v in n.inputs]
         w_name = b_name = None
+        int8 = quantized and n.name in params.weights  # a weighted layer kept float (--keep-float) has none
         if spec.role is Role.WEIGHTED:
             if linear_as_matmul(n):  # [in, out] weight, per-channel axis 1, float bias Add
-                w = params.weights[n.name] if quantized else None
+                w = params.weights[n.name] if int8 else None
                 w_name = (g.dequantize(f"{n.name}.weight", np.ascontiguousarray(w.q.numpy().astype(np.int8).T),
-                                       w.scale.numpy(), axis=1) if quantized
+                                       w.scale.numpy(), axis=1) if int8
                           else g.const(f"{n.name}.weight", np.ascontiguousarray(n.weight.numpy().astype(np.float32).T)))
                 if n.bias is not None:
                     b_name = g.const(f"{n.name}.bias", n.bias.numpy().astype(np.float32))
-            elif quantized:
+            elif int8:
                 wq = params.weights[n.name]
                 w_name = g.dequantize(f"{n.name}.weight", wq.q.numpy().astype(np.int8), wq.scale.numpy())
                 b = params.bias_int32(n) if params.int32_bias else None

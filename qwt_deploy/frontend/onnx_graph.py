@@ -8,9 +8,13 @@ exporter writes as QDQ node units:
 - Gemm (constant B, alpha = beta = 1, transA = 0) and MatMul by a constant 2-D matrix (plus a
   constant bias Add) -> ``linear``;
 - float Add/Mul of two activations -> ``add``/``mul``; Concat -> ``concat``; Sigmoid;
-  GlobalAveragePool or ReduceMean over H, W (keepdims) -> ``gap``; MaxPool/AveragePool with
-  symmetric pads, no ceil mode, no dilation -> ``maxpool``/``avgpool``; Flatten(axis 1);
-  Reshape to a constant shape with a free batch axis -> ``reshape``.
+  GlobalAveragePool or ReduceMean over H, W (keepdims) -> ``gap``; AveragePool with
+  symmetric pads, no ceil mode, no dilation -> ``avgpool``;
+- MatMul of two float activations (attention) -> ``matmul``; Gather of a constant float table
+  by integer ids -> ``embedding`` (INT8 rows);
+- nodes that only move or select values (Reshape, Transpose, Slice, nearest Resize, ...:
+  :data:`MOVEMENT_OPS`) -> ``onnx_movement``: copied verbatim like float nodes, but they pass
+  their input's quantizer through.
 
 **Every other node is a float node** (IR op ``onnx``): the simulation runs it through
 :class:`~qwt_deploy.frontend.onnx_ops.FloatNodeRunner` (onnx2torch, or ONNX Runtime for that
@@ -36,6 +40,15 @@ from ..errors import QwtError
 from ..graph.ir import Activation, Graph, Node
 
 FLOAT_TYPES = {TensorProto.FLOAT}
+# ONNX ops whose output is a rearrangement or selection of their first input's values
+# (IR op ``onnx_movement``): exact on a quantized input, whatever the other inputs say.
+MOVEMENT_OPS = frozenset({
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "GatherElements",
+    "GatherND", "Expand", "Tile", "Identity", "DepthToSpace", "SpaceToDepth", "Resize",
+    # max pooling selects input values (its padding is -inf, never an output): any pads, ceil
+    # mode and dilation included
+    "MaxPool", "GlobalMaxPool",
+})
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -64,6 +77,9 @@ class _Translator:
         self.nodes: list[Node] = []
         self.value: dict[str, str] = {}  # ONNX tensor -> IR value
         self.used_names: set[str] = set()
+        # values computed only from integer graph inputs and constants (an attention mask and
+        # the additive bias made from it): side values, never quantized
+        self.aux: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
     def elem_type(self, t: str) -> Optional[int]:
@@ -115,6 +131,7 @@ class _Translator:
             dims[vi.name] = tuple(d)
             shapes[vi.name] = tuple(v if isinstance(v, int) else 1 for v in d)
             if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+                self.aux.add(vi.name)
                 dtypes[vi.name] = torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(
                     vi.type.tensor_type.elem_type))).dtype
         nodes = list(g.node)
@@ -147,7 +164,33 @@ class _Translator:
         return Graph(inputs=inputs, input_shapes=shapes, nodes=self.nodes, outputs=outputs, output_shapes=out_shapes,
                      input_dtypes=dtypes, dim_names=dims, keep_io_names=True, opset=max(17, opset))
 
-    def float_node(self, n: onnx.NodeProto, name: str) -> None:
+    def movement(self, n: onnx.NodeProto, a: dict, acts: list, float_out: bool) -> bool:
+        """Does ``n`` only move or select the values of its first input (a float activation)?
+        Such a node passes a quantized input's grid through unchanged, so the placement lets it
+        inherit its input's quantizer (ONNX Runtime and TensorRT drop Q/DQ around it) instead of
+        re-quantizing behind a float node. A nearest-neighbour Resize copies values too."""
+        if n.op_type not in MOVEMENT_OPS or len(n.output) != 1 or not float_out:
+            return False
+        if not n.input or n.input[0] in self.consts or not self.is_float(n.input[0]):
+            return False
+        if n.op_type == "Resize":
+            mode = a.get("mode", b"nearest")
+            return (mode.decode() if isinstance(mode, bytes) else mode) == "nearest"
+        return True
+
+    def embedding(self, n: onnx.NodeProto, name: str, a: dict) -> bool:
+        """Gather of rows of a constant float table by integer ids: an ``embedding`` node,
+        whose table the placement may store INT8 per row (most of a small transformer's file)."""
+        table = self.const(n.input[0])
+        ids = n.input[1] if len(n.input) > 1 else ""
+        if table is None or table.ndim != 2 or not np.issubdtype(table.dtype, np.floating) or \
+                int(a.get("axis", 0)) != 0 or ids in self.consts or ids not in self.value or \
+                self.elem_type(ids) not in (TensorProto.INT64, TensorProto.INT32):
+            return False
+        self.emit(name, "embedding", [ids], n.output[0], weight=torch.from_numpy(np.array(table, np.float32)))
+        return True
+
+    def float_node(self, n: onnx.NodeProto, name: str, op: str = "onnx") -> None:
         """A node the pipeline leaves in float: run by the FloatNodeRunner, exported verbatim."""
         # converted to tensors once here, not on every calibration batch
         const_inputs = {k: torch.from_numpy(np.array(self.consts[t])) for k, t in enumerate(n.input) if t in self.consts}
@@ -158,7 +201,7 @@ class _Translator:
                            "pass a valid ONNX graph (onnx.checker.check_model)")
         multi = len(n.output) > 1
         out = n.output[0] if not multi else self.unique(f"{name}:outputs")
-        node = self.emit(name, "onnx", act, out, attrs=dict(proto=n, runner=self.runner, runner_key=name,
+        node = self.emit(name, op, act, out, attrs=dict(proto=n, runner=self.runner, runner_key=name,
                                                             const_inputs=const_inputs, multi=multi))
         if multi:
             for k, t in enumerate(n.output):
@@ -171,17 +214,30 @@ class _Translator:
         op, a = n.op_type, _attrs(n)
         if n.domain not in ("", "ai.onnx") or any(t and t not in self.value and t not in self.consts for t in n.input):
             return False
+        if op == "Gather" and self.embedding(n, name, a):  # reads integer ids: before the side-value rule
+            return True
+        acts_in = [t for t in n.input if t and t not in self.consts]
+        if acts_in and any(t in self.aux for t in acts_in):
+            # computed from integer inputs (the attention mask -> -1e4 bias): never quantized,
+            # and what it touches (scores + mask) stays float, as a per-tensor scale can't hold it
+            if all(t in self.aux for t in acts_in):
+                self.aux.update(t for t in n.output if t)
+            return False
         if op == "Conv":
             return self.conv(i, n, name, a, nodes, skip)
         if op in ("Gemm", "MatMul"):
             return self.linear(i, n, name, a, nodes, skip)
         float_out = all(self.is_float(t) for t in n.output)
         acts = [t for t in n.input if t and t not in self.consts]
+        if self.movement(n, a, acts, float_out):
+            self.float_node(n, name, op="onnx_movement")
+            return True
         if not float_out or not all(self.is_float(t) for t in acts):
             return False
-        if op in ("Add", "Mul") and len(acts) == 2 and self.rank(acts[0]) == self.rank(acts[1]) and \
-                self.shape(acts[0]) == self.shape(acts[1]) and self.shape(acts[0]) is not None:
-            self.emit(name, op.lower(), acts, n.output[0])
+        if op in ("Add", "Mul") and len(acts) == 2 and self.broadcasts(acts[0], acts[1]):
+            # a ReLU/Clip after a residual Add is fused as after a conv: free behind the uint8 Q
+            act, out = self.fuse_activation(n.output[0], nodes, i, skip) if op == "Add" else (None, n.output[0])
+            self.emit(name, op.lower(), acts, out, activation=act)
             return True
         if op in ("Add", "Mul") and len(acts) == 1:
             c = self.const(n.input[1] if n.input[0] == acts[0] else n.input[0])
@@ -205,29 +261,25 @@ class _Translator:
                 self.emit(name, "gap", acts, n.output[0])
                 return True
             return False
-        if op in ("MaxPool", "AveragePool") and self.rank(acts[0]) == 4 and len(n.output) == 1:
+        if op == "AveragePool" and self.rank(acts[0]) == 4 and len(n.output) == 1:  # (MaxPool: a movement node)
             pads = list(a.get("pads", [0, 0, 0, 0]))
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or a.get("ceil_mode", 0) or \
                     any(d != 1 for d in a.get("dilations", [1, 1])) or pads[:2] != pads[2:]:
                 return False
-            attrs = dict(kernel=tuple(a["kernel_shape"]), stride=tuple(a.get("strides", [1, 1])), padding=tuple(pads[:2]))
-            if op == "AveragePool":
-                attrs["count_include_pad"] = bool(a.get("count_include_pad", 0))
-            self.emit(name, "maxpool" if op == "MaxPool" else "avgpool", acts, n.output[0], attrs=attrs)
+            attrs = dict(kernel=tuple(a["kernel_shape"]), stride=tuple(a.get("strides", [1, 1])), padding=tuple(pads[:2]),
+                         count_include_pad=bool(a.get("count_include_pad", 0)))
+            self.emit(name, "avgpool", acts, n.output[0], attrs=attrs)
             return True
-        if op == "Flatten" and a.get("axis", 1) == 1:
-            self.emit(name, "flatten", acts, n.output[0])
-            return True
-        if op == "Reshape" and len(acts) == 1 and self.const(n.input[1]) is not None:
-            shape = [int(v) for v in self.const(n.input[1])]
-            src = self.shape(acts[0])  # the IR reshape keeps axis 0 (the batch): only when it provably does
-            rest = src[1:] if src is not None else None
-            if shape and shape[0] in (-1, 0) and all(d > 0 for d in shape[1:]) and rest is not None \
-                    and all(isinstance(d, int) and d > 0 for d in rest) and \
-                    int(np.prod(shape[1:])) == int(np.prod(rest)) and not (shape[0] == 0 and a.get("allowzero", 0)):
-                self.emit(name, "reshape", acts, n.output[0], attrs=dict(shape=tuple(shape[1:])))
-                return True
         return False
+
+    def broadcasts(self, a: str, b: str) -> bool:
+        """Two activations of one rank whose shapes are known to broadcast (each axis equal or
+        1): a residual Add, or a squeeze-excitation gate x * sigmoid(s) of shape [N, C, 1, 1].
+        ONNX Runtime's QLinearAdd/QLinearMul broadcast too."""
+        sa, sb = self.shape(a), self.shape(b)
+        if sa is None or sb is None or len(sa) != len(sb) or not sa:
+            return False
+        return all(x == y or x == 1 or y == 1 for x, y in zip(sa, sb))
 
     def shape(self, t: str):
         ty = self.types.get(t)
@@ -316,6 +368,11 @@ class _Translator:
     def linear(self, i, n, name, a, nodes, skip) -> bool:
         x, wn = n.input[0], n.input[1]
         w = self.const(wn)
+        if n.op_type == "MatMul" and w is None and x not in self.consts and self.is_float(x) and \
+                self.is_float(wn) and self.is_float(n.output[0]) and (self.rank(x) or 0) >= 2 and (self.rank(wn) or 0) >= 2:
+            # activation x activation (attention Q.K^T and P.V): an integer kernel with both inputs quantized
+            self.emit(name, "matmul", [x, wn], n.output[0])
+            return True
         if w is None or w.ndim != 2 or x in self.consts or not self.is_float(x):
             return False
         rank = self.rank(x)

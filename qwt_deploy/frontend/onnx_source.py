@@ -93,6 +93,7 @@ What the exporter does that this module undoes or fixes:
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import inspect
 import io
@@ -102,7 +103,9 @@ import re
 import warnings
 from typing import Optional, Sequence
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..errors import InternalError, QwtError
 
@@ -123,8 +126,7 @@ def fp32_onnx_from_module(module_or_program, example_inputs=None, dynamic_shapes
 
     - ``example_inputs``: a tensor or a tuple of tensors to trace with. A module with an
       ``example_inputs()`` method returning ``(args, dynamic_shapes)`` traces itself with those
-      (token models: only the model knows its dtypes and dynamic axes), as
-      :func:`qwt_deploy.frontend.capture.export_program` does. A program ignores both.
+      (token models: only the model knows its dtypes and dynamic axes). A program ignores both.
     - ``dynamic_shapes``: as for ``torch.export.export``. A named ``Dim`` keeps its name in the
       ONNX graph; an unnamed dynamic axis 0 is ``"batch"`` (every input of the pipeline is
       batch-first, see :func:`name_dynamic_axes`); other unnamed axes ``<input>_dim<k>``.
@@ -158,6 +160,7 @@ def fp32_onnx_from_module(module_or_program, example_inputs=None, dynamic_shapes
     _rename_io(model, input_names, output_names)
     name_dynamic_axes(model, spec_names)
     drop_needless_allowzero(model)
+    name_nodes_by_module(model)
     strip_volatile(model)
     _check_exported(model)
     return model
@@ -167,8 +170,7 @@ def _export_program(obj, example_inputs, dynamic_shapes):
     """``(program, {torch symbol: Dim name})``: ``torch.export`` (non-strict, eval mode) with one
     QwtError line when it cannot trace.
 
-    Exporting here instead of inside torch.onnx.export: the same call as
-    :func:`qwt_deploy.frontend.capture.export_program`, one capture (torch.onnx.export retries
+    Exporting here instead of inside torch.onnx.export: one capture (torch.onnx.export retries
     in strict mode, and behind a flag with draft_export, which records guesses), and a tracing
     failure that reads differently from an ONNX translation failure."""
     import torch
@@ -377,8 +379,9 @@ def name_dynamic_axes(model: onnx.ModelProto, known: Optional[dict[str, str]] = 
     """Give the exporter's symbols (``s77``) stable names, and one name to the batch axis.
 
     Rule: a symbol named by the user keeps that name; any other symbol at axis 0 of a graph
-    input is ``"batch"``; any other symbol ``<input>_dim<axis>`` after the first input that has
-    it. Expressions (``2*s77``) in outputs and value_info are rewritten token by token.
+    input is ``"batch"``; the first at axis 1 of an integer (token id) input ``"seq"`` (a saved
+    program keeps no ``Dim`` names); any other symbol ``<input>_dim<axis>`` after the first input
+    that has it. Expressions (``2*s77``) in outputs and value_info are rewritten token by token.
 
     Why one ``"batch"``: the dynamo exporter gives each input its own batch symbol unless an
     op ties them (SmolLM2's ids and mask got two, shared/reference/onnx-route.md; two inputs
@@ -399,7 +402,9 @@ def name_dynamic_axes(model: onnx.ModelProto, known: Optional[dict[str, str]] = 
             sym = d.dim_param
             if not sym or sym in mapping or not re.fullmatch(r"[A-Za-z_]\w*", sym):
                 continue
-            mapping[sym] = known.get(sym) or ("batch" if axis == 0 else f"{v.name}_dim{axis}")
+            token = v.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+            mapping[sym] = known.get(sym) or ("batch" if axis == 0 else "seq" if axis == 1 and token and
+                                              "seq" not in mapping.values() else f"{v.name}_dim{axis}")
     if not mapping:
         return {}
     pat = re.compile(r"\b(" + "|".join(re.escape(s) for s in sorted(mapping, key=len, reverse=True)) + r")\b")
@@ -442,6 +447,61 @@ def drop_needless_allowzero(model: onnx.ModelProto) -> int:
         n.attribute.extend(keep)
         changed += 1
     return changed
+
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+# the op that a module is named for, when the module makes several nodes (a Linear's MatMul
+# beside its bias Add, a Conv beside a fused Pad)
+_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", "BatchNormalization",
+                        "LayerNormalization", "InstanceNormalization", "GroupNormalization", "PRelu"})
+
+
+def name_nodes_by_module(model: onnx.ModelProto) -> int:
+    """Name each node after the PyTorch module that made it (``_blocks.3._expand_conv``,
+    ``layers.0.attention.self.query``), from the exporter's ``name_scopes`` metadata. Returns
+    how many nodes were renamed.
+
+    Why: the exporter's own names (``node_Conv_797``) say nothing to a user, and module paths are
+    what the pipeline keys on. QwT (v1) finds residual blocks by the module path (``_blocks.3``,
+    ``layers.2``: :mod:`qwt_deploy.graph.blocks`), ``--keep-float`` selects layers by it, and
+    ``qwt-check`` names the first diverging layer with it.
+
+    A module's only node, or its first layer op (Conv, Gemm, MatMul... beside a bias Add), takes
+    the bare module path; any other node ``<module>/<op type>`` (``blocks.0/Add``, the residual
+    Add in a block's forward; ``Add`` outside any submodule), then ``#<n>`` on a repeat.""" 
+    scoped = []
+    for n in model.graph.node:
+        scopes = next((p.value for p in n.metadata_props if p.key == NAME_SCOPES), None)
+        try:
+            parts = [s for s in ast.literal_eval(scopes) if s and not s.startswith("_empty_nn_module_stack")] \
+                if scopes else []
+        except (ValueError, SyntaxError):
+            parts = []
+        module = parts[-2] if len(parts) >= 2 else None
+        scoped.append((n, module, bool(parts)))
+    count: dict = {}
+    for n, module, _ in scoped:
+        if module:
+            count[module] = count.get(module, 0) + 1
+    taken: set = set()
+    renamed = 0
+    for n, module, has_scope in scoped:
+        if not has_scope:
+            continue
+        if module and module not in taken and (count[module] == 1 or n.op_type in _LAYER_OPS):
+            name = module
+        else:  # the op type, not the fx name: fx numbers (add_45) change with how it was traced
+            name = f"{module}/{n.op_type}" if module else n.op_type
+        base, k = name, 1
+        while name in taken:
+            k += 1
+            name = f"{base}#{k}"
+        taken.add(name)
+        if n.name != name:
+            n.name, renamed = name, renamed + 1
+    return renamed
 
 
 def strip_volatile(model: onnx.ModelProto) -> None:
@@ -709,3 +769,101 @@ def _check_float_path(model: onnx.ModelProto, path: str) -> None:
                       for v in _real_inputs(g))
     raise QwtError(f"{path} computes no float tensor from its inputs ({names}), so there is nothing to quantize",
                    "pass an FP32 model whose inputs feed float computations (images, embeddings)")
+
+
+# ---------------------------------------------------------------------------- fixed batch axis
+BATCH = "batch"
+
+
+def fixed_batch(model: onnx.ModelProto) -> Optional[int]:
+    """The batch size B when every graph input is float with the same fixed axis 0 of size B;
+    None when an input's axis 0 is already dynamic (or an input is not float: token models
+    trace their own dynamic axes)."""
+    sizes = set()
+    for v in _real_inputs(model.graph):
+        t = v.type.tensor_type
+        if t.elem_type != onnx.TensorProto.FLOAT or not t.HasField("shape") or not t.shape.dim:
+            return None
+        d = t.shape.dim[0]
+        if d.dim_param or not d.HasField("dim_value") or d.dim_value < 1:
+            return None
+        sizes.add(d.dim_value)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def free_batch_axis(model: onnx.ModelProto, check_inputs: Optional[dict] = None) -> Optional[int]:
+    """Make a graph traced at a fixed batch B (a ``torch.export`` program saved without dynamic
+    shapes, as torch.export does by default) take any batch size, in place; returns B, or None
+    if the batch axis was already dynamic.
+
+    Why: the pipeline calibrates, checks and serves in batches of its own choosing, and a graph
+    fixed at the traced batch of 2 runs on nothing else. Conv, Gemm and element-wise ops do not
+    care about the batch; what pins it is the declared input/output shapes and the constant
+    target shapes of Reshape (``x.view(2, -1)`` traced from ``x.view(x.size(0), -1)``). So the
+    inputs' and outputs' axis 0 become ``batch``, and a Reshape whose constant shape starts with
+    B gets 0 there ("copy the input's axis 0", or -1 under ``allowzero``).
+
+    That rewrite assumes axis 0 of those reshapes is the batch. It is proven, not assumed: the
+    rewritten graph must give the original's outputs at batch B, and at batch 2B each half must
+    equal the original on that half (samples independent). Otherwise a QwtError says to export
+    with a dynamic batch axis. ``check_inputs``: one array per input at batch B (default: a
+    fixed-seed normal sample, a mechanics check of the rewrite, not an accuracy figure)."""
+    b = fixed_batch(model)
+    if b is None:
+        return None
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    g = model.graph
+    ins = _real_inputs(g)
+    for v in list(ins) + list(g.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == b:
+            dims[0].Clear()
+            dims[0].dim_param = BATCH
+    del g.value_info[:]  # inferred with the fixed batch; shape inference redoes them
+    consts = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type != "Reshape" or len(n.input) < 2 or n.input[1] not in consts:
+            continue
+        shape = numpy_helper.to_array(consts[n.input[1]]).copy()
+        if shape.ndim != 1 or not len(shape) or int(shape[0]) != b:
+            continue
+        allowzero = any(a.name == "allowzero" and a.i for a in n.attribute)
+        if allowzero and -1 in shape.tolist():
+            continue
+        shape[0] = -1 if allowzero else 0
+        name = _fresh(f"{n.input[1]}_free_batch", _all_value_names(g))
+        g.initializer.append(numpy_helper.from_array(shape, name))
+        n.input[1] = name
+    _check_free_batch(original, model, b, check_inputs)
+    return b
+
+
+def _check_free_batch(original, freed, b: int, check_inputs: Optional[dict]) -> None:
+    import onnxruntime as ort
+
+    names = [v.name for v in _real_inputs(original.graph)]
+    if check_inputs is None:
+        rng = np.random.default_rng(0)
+        check_inputs = {}
+        for v in _real_inputs(original.graph):
+            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 8 for d in v.type.tensor_type.shape.dim]
+            check_inputs[v.name] = rng.standard_normal(shape).astype(np.float32)
+    other = {k: np.ascontiguousarray(v[::-1] * 0.5) for k, v in check_inputs.items()}  # a second, different batch
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.log_severity_level = 1, 3
+    try:
+        ref = ort.InferenceSession(original.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        new = ort.InferenceSession(freed.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        want = [ref.run(None, check_inputs), ref.run(None, other)]
+        got = new.run(None, {k: np.concatenate([check_inputs[k], other[k]]) for k in names})
+        same = new.run(None, check_inputs)
+        close = lambda x, y: x.shape == y.shape and np.allclose(x, y, rtol=1e-4, atol=1e-5)  # noqa: E731
+        ok = all(close(s, w) for s, w in zip(same, want[0])) and all(
+            close(g_[:b], w0) and close(g_[b:], w1) for g_, w0, w1 in zip(got, want[0], want[1]))
+    except Exception:  # ORT raises Fail/InvalidArgument/RuntimeException...: all mean "depends on the batch"
+        ok = False
+    if not ok:
+        raise QwtError(f"the model was traced at a fixed batch of {b} and its graph depends on it",
+                       "export it with a dynamic batch axis, e.g. torch.export.export(m, (x,), "
+                       "dynamic_shapes=({0: torch.export.Dim('batch')},)), or pass the nn.Module")

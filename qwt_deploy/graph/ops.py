@@ -402,6 +402,10 @@ OPS.update({
     s.name: s
     for s in [
         OpSpec("onnx", Role.FLOAT, _onnx_forward, _onnx_emit),
+        # an ONNX node that only moves or selects its first input's values (Reshape,
+        # Transpose, Slice, nearest Resize...: frontend.onnx_graph.MOVEMENT_OPS): it inherits
+        # that input's quantizer, as the IR's own reshape/flatten/maxpool do
+        OpSpec("onnx_movement", Role.MOVEMENT, _onnx_forward, _onnx_emit),
         OpSpec("onnx_output", Role.FLOAT, lambda n, xs, w, b: xs[0][n.attrs["index"]],
                lambda g, n, ins, w, b: ins[0][n.attrs["index"]]),
     ]

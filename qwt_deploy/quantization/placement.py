@@ -31,9 +31,13 @@ knows backend names.
 
 from __future__ import annotations
 
+import difflib
 import enum
+import re
 from dataclasses import dataclass, field
+from typing import Iterable, Union
 
+from ..errors import QwtError
 from ..graph.ir import Graph, Node
 from ..graph.ops import OPS, Role, linear_as_matmul
 
@@ -95,30 +99,124 @@ class QuantPlan:
 # or GELU kernel, and Softmax reads the additive attention mask (-1e4), which would wreck a
 # per-tensor scale. Removing one of these from ``keep_float`` quantizes it like an INTEGER
 # op (DQ inputs, Q output); listing any other op kind (e.g. "add" for residual adds) keeps
-# that kind float.
+# that kind float. Entries may also name nodes (see resolve_keep_float).
 DEFAULT_KEEP_FLOAT = ("layer_norm", "softmax", "gelu")
 QUANTIZABLE_FLOAT_OPS = frozenset({"layer_norm", "softmax", "gelu"})
+REGEX_PREFIX = "re:"
 
 
-def effective_role(op: str, keep_float=DEFAULT_KEEP_FLOAT) -> Role:
-    """The op's role in this plan; weighted layers always stay weighted."""
-    if OPS[op].role is Role.WEIGHTED:
-        return Role.WEIGHTED
-    if op in keep_float:
+@dataclass(frozen=True)
+class KeepFloat:
+    """The nodes that ``keep_float`` keeps float, resolved against one graph (:func:`resolve_keep_float`).
+
+    A kept node is FLOAT whatever its op's role: a Conv/Linear kept float gets no INT8 weight
+    (it is not in ``QuantPlan.weighted``) and its output is quantized only where an integer
+    reader needs it, like any float op's. Caveat (--target ort): ONNX Runtime >= 1.21
+    (WeightBiasQuantization) itself quantizes a float Conv/Gemm weight per tensor whenever its
+    input comes from a DequantizeLinear."""
+
+    kinds: frozenset[str] = frozenset()  # IR op kinds (OPS keys): every node of the kind
+    nodes: frozenset[str] = frozenset()  # IR node names (by name, ONNX op type or regex)
+    entries: tuple[str, ...] = ()  # what the user wrote, for reports
+
+    def keeps(self, node: Union[Node, str]) -> bool:
+        """Is this node (or, given an op kind, every node of that kind) kept float?"""
+        if isinstance(node, str):
+            return node in self.kinds
+        return node.op in self.kinds or node.name in self.nodes
+
+
+KeepFloatLike = Union[KeepFloat, Iterable[str]]
+
+
+def compile_pattern(entry: str) -> re.Pattern:
+    """The regex of a ``re:PATTERN`` entry; QwtError on bad syntax (before any graph exists)."""
+    try:
+        return re.compile(entry[len(REGEX_PREFIX):])
+    except re.error as e:
+        raise QwtError(f"keep-float entry {entry!r} is not a valid regular expression ({e})",
+                       "write re:PATTERN with Python re syntax, e.g. re:^_blocks\\.1[45]\\.") from None
+
+
+def resolve_keep_float(graph: Graph, entries: KeepFloatLike, strict: bool = False) -> KeepFloat:
+    """Resolve ``keep_float`` entries against ``graph``. Each entry is, first match wins:
+
+    1. an IR op kind (an OPS key: ``softmax``, ``add``, ``conv``): every node of that kind;
+    2. an ONNX op type of the nodes an ONNX source keeps as-is (``LayerNormalization``, ``Reshape``);
+    3. an exact IR node name (``_blocks.15._project_conv``);
+    4. ``re:PATTERN``: every node whose name the regex matches anywhere (``re.search``, as grep:
+       ``re:^_blocks\\.1[45]\\.`` needs no trailing ``.*``; anchor with ^/$ where meant).
+
+    A regex needs its ``re:`` prefix: node names are full of '.', so guessing that a non-name
+    is a regex would turn a misspelt name into a pattern that silently matches something else.
+    ``strict`` (what the user wrote): an entry of forms 2-4 that selects no node, or a word that
+    is none of them, is a QwtError. An op kind this graph lacks is not: kinds are the vocabulary
+    one list shares across models (the defaults, the minilm list on a CNN), and which kinds a
+    model has is the front end's choice (an ONNX source's LayerNorm is an "onnx" node).
+    """
+    if isinstance(entries, KeepFloat):
+        return entries
+    entries = tuple(entries)
+    kinds, nodes = set(), set()
+    for e in entries:
+        if e in OPS:
+            kinds.add(e)
+            continue
+        if e.startswith(REGEX_PREFIX):
+            pattern = compile_pattern(e)
+            sel = {n.name for n in graph.nodes if pattern.search(n.name)}
+        else:
+            sel = {n.name for n in graph.nodes if _onnx_op_type(n) == e} or \
+                  {n.name for n in graph.nodes if n.name == e}
+        if strict and not sel:
+            raise QwtError(f"keep-float entry {e!r} is no op kind and matches no ONNX op type or node name of this model",
+                           _keep_float_hint(graph, e))
+        nodes |= sel
+    return KeepFloat(kinds=frozenset(kinds), nodes=frozenset(nodes), entries=entries)
+
+
+def _onnx_op_type(n: Node) -> str | None:
+    """The ONNX op type of a node an ONNX source keeps as-is (op "onnx", "onnx_movement")."""
+    return getattr(n.attrs.get("proto"), "op_type", None)
+
+
+def _keep_float_hint(graph: Graph, entry: str) -> str:
+    kinds = sorted({n.op for n in graph.nodes})
+    names = [n.name for n in graph.nodes]
+    close = difflib.get_close_matches(entry, list(OPS) + names, n=1)
+    hint = f"did you mean {close[0]!r}? Else " if close else ""
+    return (hint + f"give an op kind of this model ({', '.join(kinds)}), a node name (e.g. {', '.join(names[:4])}) "
+            f"or {REGEX_PREFIX}PATTERN, a regular expression searched in node names")
+
+
+def _selection(graph: Graph, keep_float: KeepFloatLike) -> KeepFloat:
+    return resolve_keep_float(graph, keep_float, strict=False)
+
+
+def effective_role(node: Union[Node, str], keep_float: KeepFloatLike = DEFAULT_KEEP_FLOAT) -> Role:
+    """The role of ``node`` (or of an op kind) in this plan: FLOAT if kept float, weighted
+    nodes included; a LayerNorm/Softmax/GELU not kept float is quantized as INTEGER. Plain
+    strings count as op kinds and exact node names (a ``re:`` entry needs the graph: resolve first)."""
+    op = node if isinstance(node, str) else node.op
+    if not isinstance(keep_float, KeepFloat):
+        entries = frozenset(keep_float)
+        keep_float = KeepFloat(kinds=entries, nodes=entries)
+    if keep_float.keeps(node):
         return Role.FLOAT
     if op in QUANTIZABLE_FLOAT_OPS:
         return Role.INTEGER
     return OPS[op].role
 
 
-def plan_for_ort(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT) -> QuantPlan:
+def plan_for_ort(graph: Graph, keep_float: KeepFloatLike = DEFAULT_KEEP_FLOAT) -> QuantPlan:
+    keep_float = _selection(graph, keep_float)
     plan = QuantPlan(kernels=Kernels.REQUANTIZING)
     outputs = set(graph.outputs)
     for v in graph.inputs:
         if graph.is_float_input(v):  # token ids / masks are integers: never quantized
             plan.activations[v] = None
     for n in graph.nodes:
-        role = effective_role(n.op, keep_float)
+        role = effective_role(n, keep_float)
         if role in (Role.WEIGHTED, Role.INTEGER):
             for v in n.inputs:
                 plan.activations.setdefault(v, None)
@@ -138,9 +236,10 @@ def plan_for_ort(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT)
     return plan
 
 
-def int8_tables(graph: Graph, keep_float) -> list[str]:
-    """Embedding tables stored INT8 per row, unless ``embedding`` is in ``keep_float``."""
-    return [] if "embedding" in keep_float else [n.name for n in graph.nodes if n.op == "embedding"]
+def int8_tables(graph: Graph, keep_float: KeepFloatLike) -> list[str]:
+    """Embedding tables stored INT8 per row, except those ``keep_float`` keeps (by kind or node)."""
+    sel = _selection(graph, keep_float)
+    return [n.name for n in graph.nodes if n.op == "embedding" and not sel.keeps(n)]
 
 
 def _float_readers_read_float(graph: Graph, plan: QuantPlan, keep_float) -> None:
@@ -153,9 +252,9 @@ def _float_readers_read_float(graph: Graph, plan: QuantPlan, keep_float) -> None
     outputs = set(graph.outputs)
     for v, root in list(plan.activations.items()):
         p = producer.get(v)
-        if root is not None or p is None or effective_role(p.op, keep_float) is not Role.FLOAT:
+        if root is not None or p is None or effective_role(p, keep_float) is not Role.FLOAT:
             continue
-        quantized = {c.name for c in consumers.get(v, []) if effective_role(c.op, keep_float) in (Role.WEIGHTED, Role.INTEGER)
+        quantized = {c.name for c in consumers.get(v, []) if effective_role(c, keep_float) in (Role.WEIGHTED, Role.INTEGER)
                      or plan.activations.get(c.output) == v}
         if v in outputs or len(quantized) < len(consumers.get(v, [])):
             plan.readers[v] = frozenset(quantized)
@@ -173,20 +272,21 @@ TRT_QUANTIZED_INPUTS: dict[str, tuple[int, ...]] = {"matmul": (0, 1)}
 
 
 def _fused_add_input(n: Node, producer: dict[str, Node], consumers: dict[str, list[Node]],
-                     order: dict[str, int]) -> int | None:
-    """Index of the Add input that TensorRT fuses the Add into (a weighted op's output read
-    by this Add alone); the later-produced one if both qualify; None for a standalone Add."""
+                     order: dict[str, int], keep_float: KeepFloat) -> int | None:
+    """Index of the Add input that TensorRT fuses the Add into (an INT8 weighted op's output
+    read by this Add alone); the later-produced one if both qualify; None for a standalone Add.
+    A conv kept float is no INT8 kernel to fuse into."""
     best, best_pos = None, -1
     for i, v in enumerate(n.inputs):
         p = producer.get(v)
-        if p is None or OPS[p.op].role is not Role.WEIGHTED or len(consumers.get(v, [])) != 1:
+        if p is None or effective_role(p, keep_float) is not Role.WEIGHTED or len(consumers.get(v, [])) != 1:
             continue
         if order[p.name] > best_pos:
             best, best_pos = i, order[p.name]
     return best
 
 
-def plan_for_trt(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT) -> QuantPlan:
+def plan_for_trt(graph: Graph, keep_float: KeepFloatLike = DEFAULT_KEEP_FLOAT) -> QuantPlan:
     """TensorRT explicit-quantization layout (backends.md §3; TensorRT's QDQ placement guide).
 
     - Activations are symmetric INT8 with zero point 0: TensorRT rejects any other zero
@@ -228,6 +328,7 @@ def plan_for_trt(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT)
     Conv, but by inserting Casts and computing in FP32, so the CPU check could not confirm
     TensorRT's FP16 arithmetic anyway (measured here). An FP16 option is therefore left out.
     """
+    keep_float = _selection(graph, keep_float)
     plan = QuantPlan(kernels=Kernels.ACCUMULATING, signed_activations=True, int32_bias=False)
     producer, consumers = graph.producer(), graph.consumers()
     order = {n.name: i for i, n in enumerate(graph.nodes)}
@@ -236,7 +337,7 @@ def plan_for_trt(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT)
     quantized_output: set[str] = set()  # non-commuting ops' outputs: Q seen by all readers
 
     for n in graph.nodes:
-        role = effective_role(n.op, keep_float)
+        role = effective_role(n, keep_float)
         idx: tuple[int, ...] = ()
         if role is Role.WEIGHTED:
             idx = (0,)
@@ -244,7 +345,7 @@ def plan_for_trt(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT)
         elif n.op in TRT_QUANTIZED_INPUTS and role is not Role.FLOAT:
             idx = TRT_QUANTIZED_INPUTS[n.op]
         elif role is Role.INTEGER and n.op not in _TRT_FLOAT_INTEGER_OPS:
-            fused = _fused_add_input(n, producer, consumers, order) if n.op == "add" else None
+            fused = _fused_add_input(n, producer, consumers, order, keep_float) if n.op == "add" else None
             if fused is not None:
                 idx = tuple(i for i in range(len(n.inputs)) if i != fused)
             else:
@@ -258,7 +359,7 @@ def plan_for_trt(graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT)
     values = list(graph.inputs) + [n.output for n in graph.nodes]
     for v in values:
         p = producer.get(v)
-        role = OPS[p.op].role if p is not None else None
+        role = effective_role(p, keep_float) if p is not None else None
         readers = need.get(v, set())
         if v in quantized_output:
             plan.activations[v] = None

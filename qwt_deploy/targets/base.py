@@ -9,12 +9,12 @@ runtime) take the target's choices as plain typed arguments, so they never impor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import onnx
 
 from ..graph.ir import Graph
-from ..quantization.placement import DEFAULT_KEEP_FLOAT, Kernels, QuantPlan
+from ..quantization.placement import DEFAULT_KEEP_FLOAT, KeepFloat, Kernels, QuantPlan, resolve_keep_float
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,18 @@ class Target:
     execution_providers: tuple[ExecutionProviderPath, ...] = ()
     tensorrt_engine: bool = False  # a check also builds and runs a TensorRT engine, where one exists
 
-    def plan(self, graph: Graph, keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT) -> QuantPlan:
-        """Quantizer placement for ``graph`` in this backend's layout."""
+    def plan(self, graph: Graph, keep_float: Union[tuple[str, ...], KeepFloat] = DEFAULT_KEEP_FLOAT) -> QuantPlan:
+        """Quantizer placement for ``graph`` in this backend's layout.
+
+        ``keep_float``: op kinds, node names and ``re:`` patterns (``resolve_keep_float``). A
+        name or pattern that selects no node of ``graph`` (or a word that is neither) is a
+        QwtError here, where the list first meets the graph, so a typo is no silent no-op."""
         from dataclasses import replace
 
-        plan = self.planner(graph, keep_float=tuple(keep_float))
+        if not isinstance(keep_float, KeepFloat):
+            keep_float = tuple(keep_float)
+            resolve_keep_float(graph, keep_float, strict=True)
+        plan = self.planner(graph, keep_float=keep_float)
         return replace(plan, kernels=self.kernels, signed_activations=self.signed_activations,
                        int32_bias=self.int32_bias)
 

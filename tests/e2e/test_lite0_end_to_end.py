@@ -61,7 +61,7 @@ def test_lite0_trt_export_end_to_end(tmp_path, capsys):
 def test_lite0_has_16_mbconv_blocks():
     from qwt_deploy.examples.efficientnet_lite0 import build
     from qwt_deploy.graph.blocks import describe_blocks, detect_blocks
-    from qwt_deploy.frontend.capture import capture, export_program
+    from conftest import capture, export_program
 
     g = capture(export_program(build(), torch.zeros(2, 3, 224, 224)))
     rows = describe_blocks(g, detect_blocks(g))

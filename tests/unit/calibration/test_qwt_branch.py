@@ -10,7 +10,7 @@ from qwt_deploy import api
 from qwt_deploy.calibration.qwt_branch import BranchStats, choose_groups, with_qwt_branches
 from qwt_deploy.comparison.agreement import compare
 from qwt_deploy.graph.blocks import QWT_BRANCH, cut_values, detect_blocks, insert_qwt_branches
-from qwt_deploy.frontend.capture import capture
+from conftest import capture
 from qwt_deploy.quantization.simulate import SimulatedModel
 from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, run
 
@@ -97,7 +97,7 @@ def test_blocks_of_small_cnn_and_insertion(small_program):
     blocks = detect_blocks(g)  # no indexed module names: falls back to the residual rule
     assert len(blocks) == 1
     b = blocks[0]
-    assert b.nodes == ["expand", "dw", "project", "add"] and b.x in cuts and b.y == "add"
+    assert b.nodes == ["expand", "dw", "project", "Add"] and b.x in cuts and b.y == "add"
     g2 = insert_qwt_branches(g, blocks)
     assert len(g.nodes) == 8 and len(g2.nodes) == 9  # the original graph is untouched
     br = [n for n in g2.nodes if n.op == QWT_BRANCH][0]

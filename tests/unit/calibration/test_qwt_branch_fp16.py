@@ -20,7 +20,7 @@ from qwt_deploy.graph_passes import check_trt_rules, emulate_fp16_in_fp32
 from qwt_deploy.comparison.agreement import compare
 from qwt_deploy.exporter.onnx_builder import OnnxBuilder
 from qwt_deploy.exporter.qdq import _emit_qwt_branch
-from qwt_deploy.frontend.capture import export_program
+from conftest import export_program
 from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, run
 from qwt_deploy.targets import ORT, TRT
 

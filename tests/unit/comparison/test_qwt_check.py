@@ -19,7 +19,7 @@ FAST = ["--num-calib", "32", "--num-inputs", "16", "--threads", "1", "--quiet", 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from qwt_deploy.frontend.capture import export_program
+    from conftest import export_program
 
     d = tmp_path_factory.mktemp("check")
     torch.export.save(export_program(make_small_cnn(), torch.zeros(2, 3, 32, 32)), str(d / "cnn.pt2"))
@@ -40,7 +40,7 @@ def _report(out):
 
 
 def _weighted_values(files):
-    from qwt_deploy.frontend.capture import capture
+    from conftest import capture
     from qwt_deploy.targets import ORT
 
     g = capture(torch.export.load(str(files / "cnn.pt2")))

@@ -20,7 +20,7 @@ FAST = ["--num-calib", "32", "--num-inputs", "24", "--check-batch", "8", "--thre
 
 
 class TokenEncoder(TinyEncoder):
-    """TinyEncoder that says how to trace it (what qwt_deploy.frontend.capture.export_program asks)."""
+    """TinyEncoder that says how to trace it (what qwt_deploy.frontend.onnx_source.fp32_onnx_from_module asks)."""
 
     def example_inputs(self):
         from torch.export import Dim
@@ -41,7 +41,7 @@ def _tokens(rng, n, s):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from qwt_deploy.frontend.capture import export_program
+    from conftest import export_program
 
     d = tmp_path_factory.mktemp("check_tokens")
     torch.export.save(export_program(TokenEncoder(), None), str(d / "enc.pt2"))
@@ -172,7 +172,7 @@ def test_simulation_runner_takes_every_input_with_its_dtype_and_dynamic_axes(fil
 
     from qwt_deploy.comparison.cross_backend import feed_dicts
     from qwt_deploy.comparison.runners import SimulationRunner, input_specs, profile_shapes
-    from qwt_deploy.frontend.capture import capture
+    from conftest import capture
     from qwt_deploy.quantization.simulate import SimulatedModel
     from qwt_deploy.data.inputs import InputSet
 

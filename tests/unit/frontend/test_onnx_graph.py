@@ -58,7 +58,7 @@ def test_quantizable_nodes_become_ir_ops_and_the_rest_float_nodes():
     g = graph_from_onnx(conv_bn_model())
     ops = collections.Counter(n.op if n.op != "onnx" else "onnx:" + n.attrs["proto"].op_type for n in g.nodes)
     assert ops == {"conv": 1, "onnx:Softmax": 1, "onnx:Split": 1, "onnx_output": 2, "add": 1, "gap": 1,
-                   "flatten": 1, "linear": 1}
+                   "onnx_movement": 1, "linear": 1}  # Flatten: copied verbatim, passes its input's quantizer
     conv, fc = g.node("conv"), g.node("fc")
     assert conv.activation.lo == 0.0 and conv.activation.hi == 6.0 and fc.activation.is_relu  # fused
     assert g.inputs == ["x"] and g.outputs == ["logits", "prob"] and g.keep_io_names
@@ -90,16 +90,43 @@ def test_quantized_export_keeps_names_copies_float_nodes_and_agrees_with_simulat
         assert v.coverage["by_type"].get("QLinearConv") == 1 and v.coverage["by_type"].get("QGemm") == 1
 
 
-def test_reshape_that_moves_the_batch_axis_stays_a_float_node():
-    """Reshape(x, [-1, 4]) on [N, 2, 4] folds the batch into rows: not the IR's batch-keeping reshape."""
+def test_reshape_that_moves_the_batch_axis_is_a_verbatim_movement_node():
+    """Reshape(x, [-1, 4]) on [N, 2, 4] folds the batch into rows: copied verbatim (any target
+    shape is right), and it passes its input's quantizer through, being exact on a grid."""
     nodes = [helper.make_node("Reshape", ["x", "s"], ["y"], name="r")]
     g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
                           [_init("s", np.array([-1, 4], np.int64))])
     ir = graph_from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    assert [n.op for n in ir.nodes] == ["onnx"]
+    assert [n.op for n in ir.nodes] == ["onnx_movement"]
     x = RNG.normal(0, 1, (3, 2, 4)).astype(np.float32)
     assert SimulatedModel(ir)(torch.from_numpy(x)).shape == (6, 4)
+
+
+def test_mask_derived_values_stay_float_and_attention_matmuls_are_quantizable():
+    """Scores = Q.K^T (both activations) -> a ``matmul``; scores + bias made from the integer
+    attention mask -> float (the -1e4 bias would wreck a per-tensor scale); ids -> ``embedding``."""
+    d = 4
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["h"], name="emb", axis=0),
+        helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["h", "ht"], ["scores"], name="qk"),
+        helper.make_node("Cast", ["mask"], ["mf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "ax"], ["mu"], name="unsq"),
+        helper.make_node("Mul", ["mu", "big"], ["bias"], name="bias"),
+        helper.make_node("Add", ["scores", "bias"], ["y"], name="masked"),
+    ]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "T"]),
+                                       helper.make_tensor_value_info("mask", TensorProto.INT64, ["N", "T"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", "T"])],
+                          [_init("table", RNG.normal(0, 1, (10, d)).astype(np.float32)),
+                           _init("ax", np.array([1], np.int64)), _init("big", np.float32(-1e4))])
+    ir = graph_from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    ops = {n.name: n.op for n in ir.nodes}
+    assert ops == {"emb": "embedding", "t": "onnx_movement", "qk": "matmul", "cast": "onnx", "unsq": "onnx",
+                   "bias": "onnx", "masked": "onnx"}
+    plan = qd.get_target("ort").plan(ir)
+    assert plan.is_quantized("h") and not plan.is_quantized("bias") and not plan.is_quantized("mask")
 
 
 def test_same_onnx_and_data_give_byte_identical_exports(tmp_path):

@@ -392,3 +392,60 @@ def test_an_opset_the_exporter_cannot_write_is_refused(cnn):
         fp32_onnx_from_module(cnn, torch.zeros(2, 3, 32, 32), opset=17)
     m = fp32_onnx_from_module(cnn, torch.zeros(2, 3, 32, 32), opset=18)
     assert [o.version for o in m.opset_import if o.domain == ""] == [18]
+
+
+# ---------------------------------------------------------------- a program traced at a fixed batch
+def test_a_fixed_batch_program_is_made_batch_free_and_proven(small_program, mech_data):
+    """torch.export at batch 2 writes Reshape(mean, [2, 16]): freed to [0, 16], inputs and
+    outputs get a "batch" axis, and the result equals the program at any batch."""
+    from qwt_deploy.frontend.onnx_source import fixed_batch, fp32_onnx_from_module, free_batch_axis
+
+    m = fp32_onnx_from_module(small_program)
+    assert fixed_batch(m) == 2
+    assert free_batch_axis(m) == 2 and fixed_batch(m) is None
+    assert [d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim[:1]] == ["batch"]
+    x = mech_data[:5]
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        want = np.concatenate([small_program.module()(torch.from_numpy(x[i:i + 2].copy())).numpy()
+                               for i in range(0, 4, 2)])
+    np.testing.assert_allclose(got[:4], want, rtol=1e-4, atol=1e-5)
+    assert free_batch_axis(m) is None  # already free: nothing to do
+
+
+def test_a_program_whose_samples_depend_on_each_other_is_refused():
+    from qwt_deploy.frontend.onnx_source import fp32_onnx_from_module, free_batch_axis
+
+    class BatchCentred(torch.nn.Module):  # y - y.mean(0): each output depends on the whole batch
+        def forward(self, x):
+            y = x.flatten(1)
+            return y - y.mean(0)
+
+    m = fp32_onnx_from_module(torch.export.export(BatchCentred(), (torch.zeros(2, 3, 4),)))
+    with pytest.raises(QwtError, match="fixed batch of 2"):
+        free_batch_axis(m)
+
+
+def test_nodes_are_named_after_their_modules():
+    """Module paths, not the exporter's node_Conv_12: a module's layer op takes the bare path
+    (the BatchNorm its own), an op in a module's own forward ``<module>/<op type>``."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return x + torch.relu(self.bn(self.conv(x)))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(Block(), Block())
+
+        def forward(self, x):
+            return self.blocks(x).mean((2, 3))
+
+    m = fp32_onnx_from_module(Net().eval(), torch.zeros(2, 4, 8, 8), ({0: Dim.DYNAMIC},))
+    names = [n.name for n in m.graph.node]
+    assert names[:4] == ["blocks.0.conv", "blocks.0.bn", "blocks.0/Relu", "blocks.0/Add"], names
+    assert "blocks.1.conv" in names and len(set(names)) == len(names)

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from qwt_deploy import api
 from qwt_deploy.graph_passes import pad_conv_input_channels
-from qwt_deploy.frontend.capture import export_program
+from conftest import export_program
 from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, run
 
 from conftest import make_small_cnn, op_counts, quantized
@@ -75,8 +75,8 @@ def test_shared_input_dequantize_is_cloned(ort_model, mech_data):
     onnx.checker.check_model(padded, full_check=True)
     assert n == 1 and op_counts(padded)["DequantizeLinear"] == op_counts(m)["DequantizeLinear"] + 1
     x = mech_data[:8]
-    a = SessionFromOnnx(m.SerializeToString(), allow_spinning=False)().run(None, {"input": x})
-    b = SessionFromOnnx(padded.SerializeToString(), allow_spinning=False)().run(None, {"input": x})
+    a = SessionFromOnnx(m.SerializeToString(), allow_spinning=False)().run(None, {"x": x})
+    b = SessionFromOnnx(padded.SerializeToString(), allow_spinning=False)().run(None, {"x": x})
     assert b[1].shape[1] == 3 and all(np.array_equal(u, v) for u, v in zip(a, b))
 
 

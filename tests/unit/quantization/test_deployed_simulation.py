@@ -69,7 +69,7 @@ def test_every_quantized_value_matches_onnxruntime_integer_kernels(small_program
                                for t in q_of.values())
     sess = SessionFromOnnx(folded.SerializeToString(), threads=2)()
     x = mech_data[:32]
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
     values: dict = {}
     SimulatedModel(g, plan, params)(torch.from_numpy(x), intermediates=values)
     compared = 0

@@ -10,7 +10,7 @@ import pathlib
 import pytest
 
 from qwt_deploy.errors import QwtError
-from qwt_deploy.frontend.capture import capture
+from conftest import capture
 from qwt_deploy.quantization.placement import Kernels, plan_for_ort, plan_for_trt
 from qwt_deploy.targets import ORT, TARGETS, TRT, Target, get_target
 
