@@ -197,7 +197,8 @@ def compared_values(graph, x: InputSet) -> list[str]:
     with torch.no_grad():
         SimulatedModel(graph)(x.head(min(len(x), 2)).torch(), intermediates=values)
     ordered = list(graph.inputs) + [n.output for n in graph.nodes]
-    return [v for v in ordered if v in values and values[v].is_floating_point()]
+    # (a node with several outputs, e.g. Split, holds a tuple: its onnx_output nodes are compared)
+    return [v for v in ordered if v in values and torch.is_tensor(values[v]) and values[v].is_floating_point()]
 
 
 def feed_dicts(x: InputSet, names: list[str], batch_size: int) -> list[dict]:

@@ -83,7 +83,8 @@ class SimulationRunner(BaseRunner):
         for (value, name), y in zip(self.output_names.items(), outs):
             result[name] = y.numpy()
         for value, y in (values or {}).items():
-            result[SIM_PREFIX + value] = y.numpy()
+            if torch.is_tensor(y):  # (a Split-like node's tuple: its onnx_output items are listed too)
+                result[SIM_PREFIX + value] = y.numpy()
         return result
 
 

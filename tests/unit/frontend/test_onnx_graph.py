@@ -138,3 +138,15 @@ def test_same_onnx_and_data_give_byte_identical_exports(tmp_path):
     a = qd.export(qd.quantize(str(path), x, qd.QuantizeConfig(num_calib=32, batch_size=16))).data
     b = qd.export(qd.quantize(m, x, qd.QuantizeConfig(num_calib=32, batch_size=16))).data
     assert a == b and path.read_bytes() == before  # file or in-memory model: same bytes; input untouched
+
+
+def test_check_compares_layer_by_layer_through_a_node_with_several_outputs():
+    """qwt-check on a graph with a Split (a float node with two outputs): each output is
+    compared as its own value; the tuple the node yields is not a layer (it crashed before)."""
+    m = conv_bn_model()
+    x = RNG.normal(0, 1, (64, 3, 16, 16)).astype(np.float32)
+    r = qd.check(m, x[:48], x[48:], qd.QuantizeConfig(target="ort", num_calib=48, batch_size=16))
+    d = r.to_dict()
+    pair = "ort-cpu[ort] vs pytorch-fake-quant[ort]"
+    assert d["failures"] == [] and d["first_divergence"][pair] is None, d["failures"]
+    assert {"s0", "s1"} <= {l["value"] for l in d["layers"]}  # the Split's outputs, each compared
