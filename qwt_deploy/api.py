@@ -132,15 +132,17 @@ class ExportedModel:
 class Verification:
     """The exported file in ONNX Runtime against the PyTorch simulation it was fitted on."""
 
-    agreement: Agreement  # ORT vs simulation, in output quantization steps
+    agreement: Agreement  # ORT vs simulation, in output quantization steps: the worst output
     samples: int
     coverage: dict  # INT8 kernel coverage in ORT's optimized graph (or why not applicable)
     latency: Optional[dict] = None  # int8_ms, fp32_ms, ratio (batch 1, interleaved), integer targets only
     plain_float: Optional[dict] = None  # float-simulation targets: the shipped graph as-is in ORT float
+    outputs: dict = field(default_factory=dict)  # graph output name -> Agreement, every output
 
     def to_dict(self) -> dict:
         return dict(agreement=self.agreement.to_dict(), samples=self.samples, coverage=self.coverage,
-                    latency=self.latency, plain_float=self.plain_float)
+                    latency=self.latency, plain_float=self.plain_float,
+                    outputs={k: a.to_dict() for k, a in self.outputs.items()})
 
 
 # ---------------------------------------------------------------------------------------- load
@@ -343,24 +345,46 @@ def verify(exported: ExportedModel, inputs: Optional[CalibrationLike] = None, *,
         x = calibration_inputs(inputs, qm.graph, num=2**62, preprocess=qm.preprocess)
     with torch.no_grad():
         y = qm.simulation()(x.torch())
-    ref = (y[0] if isinstance(y, tuple) else y).numpy()
+    refs = [t.numpy() for t in (y if isinstance(y, tuple) else (y,))]
     with tempfile.TemporaryDirectory() as td:
         opt_path = os.path.join(td, "opt.onnx") if target.integer_kernels else None
         sess = check_session(exported, threads, opt_path)
-        got = run(sess, x)
-        coverage = target.coverage(onnx.load(opt_path) if opt_path else None)
-    agreement = compare(ref, got)
+        gots = sess.run(None, x.feed(sess))
+        optimized = onnx.load(opt_path) if opt_path else None
+        coverage = target.coverage(optimized)
+    if optimized is not None and qm.loaded.onnx is not None:  # the same, as a share of conv/matmul FLOPs
+        from .runtime.coverage import integer_flop_share
+
+        one = x.head(1)
+        share = integer_flop_share(qm.loaded.onnx, exported.data, {n: a.shape for n, a in zip(one.names, one.arrays)},
+                                   optimized=optimized, threads=threads)
+        coverage = dict(coverage, flops=dict(share=share["share"], total=share["flops_total"],
+                                             integer=share["flops_integer"], float_ops=share["float_ops"]))
+    # every output, each in its own quantization step (its quantizer's scale, or the step its
+    # values show when it is a float output); the worst one is the file's agreement
+    names = [o.name for o in sess.get_outputs()]
+    outputs = {n: compare(r, g, output_quant_step(qm, v)) for n, v, r, g in zip(names, qm.graph.outputs, refs, gots)}
+    agreement = min(outputs.values(), key=lambda a: (a.within_1_step, -a.max_steps))
     plain_float = None
     if not target.integer_kernels:  # for the record: the shipped graph as-is in ORT float
         plain = SessionFromOnnx(exported.data, threads, allow_spinning=False, disable_qdq_fusion=True)()
-        plain_float = compare(ref, run(plain, x)).to_dict()
+        plain_float = compare(refs[0], run(plain, x), output_quant_step(qm, qm.graph.outputs[0])).to_dict()
     latency = None
     if measure_latency and target.integer_kernels:  # float simulation timings say nothing about the backend
         fsess = SessionFromOnnx((fp32 or export_float(qm)).SerializeToString(), threads, allow_spinning=False)()
         ms = interleaved_latency_ms({"int8": sess, "fp32": fsess}, x.head(1))
         latency = dict(int8_ms=ms["int8"], fp32_ms=ms["fp32"], ratio=ms["int8"] / ms["fp32"], batch=1, threads=threads)
     return Verification(agreement=agreement, samples=int(len(x)), coverage=coverage, latency=latency,
-                        plain_float=plain_float)
+                        plain_float=plain_float, outputs=outputs)
+
+
+def output_quant_step(qm: QuantizedModel, value: str) -> Optional[float]:
+    """The step of the quantizer on graph output ``value``, None for a float output (then the
+    comparison uses the step its values show)."""
+    if not qm.plan.sees_quantized(value, None):
+        return None
+    q = qm.params.acts.get(qm.plan.root(value))
+    return float(q.scale) if q is not None else None
 
 
 def check(model: ModelLike, calibration: CalibrationLike, inputs: CalibrationLike,

@@ -74,6 +74,8 @@ class ExportReport:
     trt_rules: Optional[dict] = None
     tensorrt_engine: Optional[dict] = None
     ort_plain_float_vs_pytorch: Optional[dict] = None
+    # below MIN_EXACT within one step: the first layer where ONNX Runtime leaves the simulation
+    first_diverging_layer: Optional[dict] = None
     report_path: str = ""
 
     def to_dict(self) -> dict:
@@ -93,7 +95,9 @@ def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], N
 
     # 4. export (CWAC as explicit Mul/Add), 5. fold + the target's passes and rule check
     t = time.perf_counter()
-    ex = api.export(qm, pad_conv_channels=cfg.pad_conv_channels, metadata=export_metadata(cfg, qm))
+    tensor_names: dict[str, str] = {}  # IR value -> ONNX tensor, for locating a divergence layer by layer
+    ex = api.export(qm, pad_conv_channels=cfg.pad_conv_channels, metadata=export_metadata(cfg, qm),
+                    tensor_names=tensor_names)
     fp32 = api.export_float(qm)
     ex.save(cfg.output)
     if cfg.keep_unfolded:
@@ -107,7 +111,11 @@ def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], N
 
     # 6. run + check against the PyTorch simulation
     t = time.perf_counter()
-    v = api.verify(ex, held_out_inputs(cfg, qm), threads=cfg.threads, measure_latency=cfg.measure_latency, fp32=fp32)
+    held = held_out_inputs(cfg, qm)
+    v = api.verify(ex, held, threads=cfg.threads, measure_latency=cfg.measure_latency, fp32=fp32)
+    diverging = None
+    if v.agreement.within_1_step < MIN_EXACT:  # exactness is the rule: say where it breaks
+        diverging = first_diverging_layer(cfg, ex, tensor_names, held)
     timing["check"] = time.perf_counter() - t
     timing["total"] = time.perf_counter() - t_start
 
@@ -119,13 +127,34 @@ def run_export(cfg: ExportConfig, progress: Optional[Callable[[int, int, str], N
                           ridge=s.ridge, reference=s.reference),
         calibration=dict(samples=int(len(qm.inputs)), source=cfg.calib_data, batch_size=cfg.batch_size),
         **api.model_report(ex),
-        int8_coverage=v.coverage, ort_vs_pytorch=dict(v.agreement.to_dict(), samples=v.samples),
+        int8_coverage=v.coverage, ort_vs_pytorch=dict(v.agreement.to_dict(), samples=v.samples,
+                                                     outputs={k: a.to_dict() for k, a in v.outputs.items()}),
+        first_diverging_layer=diverging,
         latency=v.latency, size_bytes=dict(int8=len(ex.data), fp32=len(fp32.SerializeToString())),
         timing_s=timing, trt_rules=ex.rules, tensorrt_engine=engine, ort_plain_float_vs_pytorch=v.plain_float,
     )
     write_json(report.to_dict(), report_path)
     report.report_path = report_path
     return report
+
+
+# ONNX Runtime vs the simulation: the share of output elements within one step below which an
+# export names the first diverging layer (the same bar as qwt-check's --min-agreement default)
+MIN_EXACT = 0.999
+
+
+def first_diverging_layer(cfg: ExportConfig, ex: api.ExportedModel, tensor_names: dict, held: InputSet,
+                          samples: int = 32) -> Optional[dict]:
+    """The first IR value (in graph order) where the file in ONNX Runtime differs from the
+    simulation on more than 0.1% of elements by over one step of that value's quantizer: what
+    ``qwt-check`` reports, run here on the exported file itself (no re-quantization) on
+    ``samples`` held-out inputs. None when no single layer is below the bar (the output
+    difference then builds up from rounding flips spread over many layers)."""
+    ccfg = CheckConfig(export=cfg, targets=(ex.quantized.target.name,), num_inputs=samples,
+                       batch_size=min(8, samples), gpu=False)
+    report = run_check(ccfg, [CheckedFile.of(ex, tensor_names)], held.head(samples), "held-out inputs of qwt-export")
+    found = [rec for rec in report["first_divergence"].values() if rec]
+    return found[0] if found else None
 
 
 # ------------------------------------------------------------------------------------ qwt-check

@@ -54,10 +54,23 @@ def summary_rows(r: dict) -> list[tuple[str, str]]:
     rows += [
         ("INT8 kernels in ORT", f"{cov['integer_ops']}/{cov['compute_ops']} compute ops ({', '.join(f'{k} {v}' for k, v in sorted(cov['by_type'].items()))})"
          if cov.get("applicable", True) else cov["note"]),
+        *([("conv/matmul FLOPs", f"{cov['flops']['share']:.1%} in integer kernels"
+            + (f" (float: {', '.join(cov['flops']['float_ops'][:4])}{', ...' if len(cov['flops']['float_ops']) > 4 else ''})"
+               if cov['flops']['float_ops'] else ""))]
+          if (cov.get("flops") or {}).get("share") is not None else []),
         ("ORT vs PyTorch sim", f"top-1 agree {a['top1_agreement']:.3f}, within 1 step {a['within_1_step']:.4f}, "
                                f"max {a['max_steps']:.2f} steps, cosine {a['cosine']:.5f}"),
         ("file size", f"{r['size_bytes']['int8'] / 1e6:.2f} MB (FP32 {r['size_bytes']['fp32'] / 1e6:.2f} MB)"),
     ]
+    outs = a.get("outputs") or {}
+    if len(outs) > 1:  # several outputs: each one's agreement (the row above is the worst)
+        rows.insert(-1, ("  per output", ", ".join(f"{k} {o['within_1_step']:.4f}" for k, o in outs.items())))
+    d = r.get("first_diverging_layer")
+    if a["within_1_step"] < 0.999:
+        where = (f"first diverging layer {d.get('node') or d.get('value')} ({d.get('within_atol', float('nan')):.4f} within 1 step)"
+                 if d else "no single layer below 99.9%: rounding flips spread over many layers")
+        rows.insert(-1, ("WARNING", f"ONNX Runtime is not within 1 step of the simulation on "
+                                    f"{1 - a['within_1_step']:.2%} of output elements; {where}"))
     if lat:
         rows.append(("latency bs1, 2 thr", f"INT8 {lat['int8_ms']:.2f} ms vs FP32 {lat['fp32_ms']:.2f} ms ({lat['ratio']:.2f}x)"))
     rows.append(("total wall time", f"{r['timing_s']['total']:.1f} s"))

@@ -217,11 +217,11 @@ class _Translator:
         if op == "Gather" and self.embedding(n, name, a):  # reads integer ids: before the side-value rule
             return True
         acts_in = [t for t in n.input if t and t not in self.consts]
-        if acts_in and any(t in self.aux for t in acts_in):
+        if acts_in and all(t in self.aux for t in acts_in):  # (integer shapes from the ids included)
+            self.aux.update(t for t in n.output if t)
+        if any(t in self.aux and self.is_float(t) for t in acts_in):
             # computed from integer inputs (the attention mask -> -1e4 bias): never quantized,
             # and what it touches (scores + mask) stays float, as a per-tensor scale can't hold it
-            if all(t in self.aux for t in acts_in):
-                self.aux.update(t for t in n.output if t)
             return False
         if op == "Conv":
             return self.conv(i, n, name, a, nodes, skip)

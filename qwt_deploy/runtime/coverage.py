@@ -278,18 +278,23 @@ def integer_flop_share(fp32_model: onnx.ModelProto, int8_model, input_shapes: di
     by_key = {k: n for k, n in compute}
     kernel: dict[str, str] = {}
     how: dict[str, str] = {}
-    leftover = []
+    # The QDQ exporter's "<IR name>/<op>" first, then the name itself (a file that keeps source
+    # names): "a/MatMul" is the exporter's name for source "a" even where a source node is
+    # itself called "a/MatMul" (two matmuls of one attention module: "a" and "a/MatMul").
+    pending = []
     for on in og.node:
         if on.op_type not in _INTEGER_KERNEL_WEIGHT:
             continue
         base = _strip_ort_suffix(on.name)
-        src = base if base in by_key else None
-        if src is None and "/" in base:
-            head, tail = base.rsplit("/", 1)
-            if head in by_key and tail in _FLOP_OPS:  # the QDQ exporter's <IR name>/<op>
-                src = head
-        if src is not None and src not in kernel:
-            kernel[src], how[src] = on.op_type, "name"
+        head, _, tail = base.rpartition("/")
+        if head in by_key and tail in _FLOP_OPS and head not in kernel:
+            kernel[head], how[head] = on.op_type, "name"
+        else:
+            pending.append((on, base))
+    leftover = []
+    for on, base in pending:
+        if base in by_key and base not in kernel:
+            kernel[base], how[base] = on.op_type, "name"
         else:
             leftover.append(on)
     unmatched = []

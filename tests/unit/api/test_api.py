@@ -115,7 +115,8 @@ def test_verify_agrees_with_the_simulation(target, small_program, calib, mech_da
     else:  # ORT runs TensorRT's float simulation: no coverage or latency to speak of
         assert v.coverage["applicable"] is False and v.latency is None
         assert v.plain_float["within_1_step"] >= 0.999
-    assert set(v.to_dict()) == {"agreement", "samples", "coverage", "latency", "plain_float"}
+    assert set(v.to_dict()) == {"agreement", "samples", "coverage", "latency", "plain_float", "outputs"}
+    assert list(v.outputs) == ["output"] and v.outputs["output"] == v.agreement  # one output: it is the worst
 
 
 def test_verify_defaults_to_the_last_calibration_samples(small_program, calib):

@@ -132,5 +132,7 @@ def test_good_run_writes_model_and_report(capsys, files):
 
     rep = json.load(open(files["out"].replace(".onnx", ".report.json")))
     assert rep["folded_layers"] == 5 and rep["int8_coverage"]["integer_ops"] == rep["int8_coverage"]["compute_ops"]
+    assert rep["int8_coverage"]["flops"]["share"] == 1.0 and rep["first_diverging_layer"] is None
+    assert list(rep["ort_vs_pytorch"]["outputs"]) == ["output"]
     assert rep["latency"]["int8_ms"] > 0 and rep["ort_vs_pytorch"]["within_1_step"] >= 0.999
     assert "qwt-export summary" in capsys.readouterr().out

@@ -91,6 +91,8 @@ def test_report_checks_ort_against_the_simulation_on_token_inputs(exported):
     assert agr["samples"] == 48 and agr["cosine"] >= 0.999 and agr["mean_steps"] <= 1.0, agr
     assert r["int8_coverage"]["by_type"].get("QLinearMatMul", 0) + r["int8_coverage"]["by_type"].get(
         "MatMulIntegerToFloat", 0) >= 6, r["int8_coverage"]
+    # every linear and both attention matmuls (named "<module>" and "<module>/MatMul") in integer kernels
+    assert r["int8_coverage"]["flops"]["share"] == 1.0 and r["int8_coverage"]["flops"]["float_ops"] == [], r["int8_coverage"]
 
 
 def test_embedding_table_ships_as_int8_rows(exported, files):

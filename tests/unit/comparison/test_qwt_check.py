@@ -170,3 +170,29 @@ def test_lint_wiring(files, tmp_path, capsys):
                         "--target", "trt", "--num-calib", "32", "--threads", "1", "--quiet", "--no-latency"]) == 0
     capsys.readouterr()
     assert check_main(["--lint", "trt", str(trt)]) == 0
+
+
+def test_export_names_the_first_diverging_layer_of_a_perturbed_file(small_program, mech_data):
+    """qwt-export's own locator (pipeline.first_diverging_layer) on a file whose expand weights
+    were flipped: it names that layer; on the file as exported, nothing."""
+    from dataclasses import replace as dc_replace
+
+    from qwt_deploy import api, pipeline
+    from qwt_deploy.config import ExportConfig
+    from qwt_deploy.data.inputs import InputSet
+
+    cfg = ExportConfig(model=None, output="", num_calib=32, batch_size=16)
+    qm = api.quantize(small_program, mech_data[:32], cfg.quantize_config())
+    names: dict = {}
+    ex = api.export(qm, tensor_names=names)
+    held = InputSet.single(qm.graph.inputs[0], mech_data[32:48])
+    assert pipeline.first_diverging_layer(cfg, ex, names, held, samples=16) is None
+    m = onnx.ModelProto()
+    m.CopyFrom(ex.folded)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    conv = next(n for n in m.graph.node if n.op_type == "Conv" and n.name.startswith("expand/"))
+    codes_name = producers[conv.input[1]].input[0]
+    init = next(i for i in m.graph.initializer if i.name == codes_name)
+    init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), codes_name))
+    d = pipeline.first_diverging_layer(cfg, dc_replace(ex, folded=m), names, held, samples=16)
+    assert d is not None and d["node"] == "expand" and d["within_atol"] < 0.999, d
