@@ -529,7 +529,10 @@ class _OrtNode:
         # a pool thread per session adds up (one per node); only big tensors gain from one
         big = max((t.numel() for t in inputs if t is not None), default=0) >= _PARALLEL_NUMEL
         so = _session_options(self.threads if big else 1)
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises Fail/InvalidGraph/NotImplemented...: nothing can run this node
+            raise self._unsimulatable(e) from None
         feeds = [(i, n.name) for n in graph_inputs for i in [ins.index(n.name)]]
         return sess, feeds, outs
 
@@ -541,8 +544,22 @@ class _OrtNode:
         sess, feeds, outs = self.sessions[key]
         device = next((t.device for t in inputs if t is not None), torch.device("cpu"))
         feed = {name: inputs[i].detach().cpu().contiguous().numpy() for i, name in feeds}
-        ys = dict(zip(outs, sess.run(outs, feed)))
+        try:
+            ys = dict(zip(outs, sess.run(outs, feed)))
+        except Exception as e:  # e.g. a Loop/If whose body fails on these inputs
+            raise self._unsimulatable(e) from None
         return [_to_torch(ys[o]).to(device) if o else None for o in self.node.output]
+
+    def _unsimulatable(self, e: Exception):
+        from ..errors import QwtError
+
+        op = f"{self.node.domain}:{self.node.op_type}" if self.node.domain else self.node.op_type
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = why.split(" : ", 2)[-1][:200]  # drop ORT's "[ONNXRuntimeError] : 1 : FAIL :" prefix
+        return QwtError(f"node {self.node.name!r} ({op}) cannot be run in float by ONNX Runtime, so the "
+                        f"simulation cannot run it ({why})",
+                        "replace the node with standard ONNX ops (a custom op needs its own library in every "
+                        "backend that runs the file)")
 
 
 # ----------------------------------------------------------------------------- the runner

@@ -150,3 +150,21 @@ def test_check_compares_layer_by_layer_through_a_node_with_several_outputs():
     pair = "ort-cpu[ort] vs pytorch-fake-quant[ort]"
     assert d["failures"] == [] and d["first_divergence"][pair] is None, d["failures"]
     assert {"s0", "s1"} <= {l["value"] for l in d["layers"]}  # the Split's outputs, each compared
+
+
+def test_a_node_nothing_can_run_is_one_line_naming_the_node_and_op(tmp_path, capsys):
+    from qwt_deploy.cli.export import main
+
+    w = _init("w", RNG.normal(0, 1, (4, 3, 3, 3)).astype(np.float32))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("MyOp", ["c"], ["y"], name="weird", domain="my.domain")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)])
+    onnx.save(m, str(tmp_path / "custom.onnx"))
+    np.save(tmp_path / "cal.npy", RNG.normal(0, 1, (16, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "custom.int8.onnx"
+    code = main([str(tmp_path / "custom.onnx"), "--calib-data", str(tmp_path / "cal.npy"), "--quiet", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "node 'weird' (my.domain:MyOp)" in err[0] and "Fix:" in err[0], err
+    assert not out.exists()
