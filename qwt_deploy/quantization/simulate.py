@@ -23,7 +23,7 @@ import torch
 from ..graph.ir import Graph, Node
 from ..graph.ops import OPS, linear_as_matmul
 from .fold_arithmetic import FoldedLayer, deployed_bias, fold_affine, int32_bias_codes
-from .integer_kernels import IntegerLayer, integer_matmul, made_redundant_by_q
+from .integer_kernels import IntegerLayer, integer_matmul, made_redundant_by_q, qlinear_add
 from .trt_kernels import AccumulatorLayer
 from .compensation import AffineFit, BlockBranch
 from .fake_quant import ActQuant, WeightQuant, bias_scale, quantize_bias_int32
@@ -108,6 +108,25 @@ def integer_layer(node: Node, params: QuantParams, plan: Optional[QuantPlan]) ->
     return IntegerLayer.build(f.codes, f.scale, bias, x, y)
 
 
+def qlinear_add_params(node: Node, params: QuantParams, plan: Optional[QuantPlan]) -> Optional[tuple]:
+    """(q_a, q_b, q_out) if ONNX Runtime runs ``node`` as QLinearAdd: an activation + activation
+    Add read through both input quantizers and followed by an 8-bit output Q, on the ONNX
+    Runtime layout; None otherwise (it stays a float Add between DQ and Q)."""
+    if plan is None or plan.kernels is not Kernels.REQUANTIZING or node.op != "add" or len(node.inputs) != 2:
+        return None
+    if node.name in params.weights or node.name in params.branches:
+        return None
+    qs = [params.acts.get(v) for v in node.inputs]
+    y = params.acts.get(node.output)
+    if any(q is None or q.bits != 8 for q in qs) or y is None or y.bits != 8:
+        return None
+    if plan.activations.get(node.output) is not None or not all(plan.sees_quantized(v, node.name) for v in node.inputs):
+        return None
+    if node.activation is not None and not made_redundant_by_q(node.activation, y):
+        return None
+    return qs[0], qs[1], y
+
+
 def accumulator_layer(node: Node, params: QuantParams, plan: Optional[QuantPlan]) -> Optional[AccumulatorLayer]:
     """``node`` as an integer kernel with a float output computes it (exact accumulator, float32
     scale, float bias; see ``trt_kernels``), or None where it stays plain float: TensorRT's INT8
@@ -150,6 +169,9 @@ class SimulatedModel(torch.nn.Module):
         # nodes that ONNX Runtime runs as fused integer kernels: emulated bit for bit
         self._int = {} if params is None else {
             n.name: k for n in graph.nodes if (k := integer_layer(n, params, plan)) is not None}
+        # ONNX Runtime layout: same-shape residual Adds as QLinearAdd computes them
+        self._qadd = {} if params is None else {
+            n.name: p for n in graph.nodes if (p := qlinear_add_params(n, params, plan)) is not None}
         # TensorRT layout: Conv/Gemm computed as TensorRT's INT8 kernels compute them
         self._acc = {} if params is None else {
             n.name: k for n in graph.nodes if (k := accumulator_layer(n, params, plan)) is not None}
@@ -201,6 +223,8 @@ class SimulatedModel(torch.nn.Module):
             if kernel is not None and xs[0].dim() in (2, 4) and n.name not in self.params.branches:
                 # requantized by the emulated integer kernel (the Q below then changes nothing)
                 y = kernel(lambda a, codes: OPS[n.op].forward(n, [a], codes, None), xs[0])
+            elif n.name in self._qadd and xs[0].shape == xs[1].shape:  # QLinearAdd (broadcasts: float Add)
+                y = qlinear_add(xs[0], xs[1], *self._qadd[n.name])
             else:
                 acc = self._acc.get(n.name)
                 both = self._act_matmul.get(n.name)
