@@ -49,7 +49,7 @@ from ..config import ExportConfig
 from ..errors import QwtError
 from ..log import logger
 from ..targets import Target
-from .agreement import compare, output_kind, output_step, row_cosines
+from .agreement import STEP_SLACK, compare, output_kind, output_step, row_cosines
 from .layerwise import LayerRecord, SqnrAccumulator, StepAccumulator, first_divergence, first_large_error
 from .runners import (SIM_PREFIX, SessionWithProviders, SimulationRunner, fusion_neutral, input_specs,
                       mark_outputs, ort_gpu_providers, trt_runner, trt_unavailable_reason)
@@ -334,7 +334,7 @@ def _output_metrics(ref: np.ndarray, other: np.ndarray, step: float, atol_steps:
     d = np.abs(ref.astype(np.float64) - other.astype(np.float64)) / step
     top1 = a.top1_agreement if kind == "classes" else None
     return dict(kind=kind, step=step, max_steps=a.max_steps, mean_steps=a.mean_steps,
-                within_atol=float(np.mean(d <= atol_steps + 1e-6)), within_1_step=a.within_1_step,
+                within_atol=float(np.mean(d <= atol_steps + STEP_SLACK)), within_1_step=a.within_1_step,
                 cosine=a.cosine, min_cosine=float(row_cosines(ref, other).min()), top1_agreement=top1)
 
 

@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from .agreement import STEP_SLACK
+
 
 def sqnr_db(signal_sq: float, noise_sq: float) -> float:
     if noise_sq <= 0:
@@ -59,7 +61,7 @@ class StepAccumulator:
 
     def update(self, reference: np.ndarray, other: np.ndarray) -> None:
         d = np.abs(other.astype(np.float64) - reference.astype(np.float64)) / self.step
-        self.within += int(np.count_nonzero(d <= self.atol_steps + 1e-6))
+        self.within += int(np.count_nonzero(d <= self.atol_steps + STEP_SLACK))
         self.count += d.size
         if d.size:
             self.max_steps = max(self.max_steps, float(d.max()))
