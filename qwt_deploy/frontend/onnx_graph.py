@@ -57,7 +57,7 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 class _Translator:
     def __init__(self, model: onnx.ModelProto, runner):
-        from .onnx_ops import node_names
+        from .onnx_names import node_names
 
         self.model = model
         self.runner = runner

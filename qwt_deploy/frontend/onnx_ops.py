@@ -95,6 +95,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from .onnx_names import node_names
+
 ModelLike = Union[str, os.PathLike, onnx.ModelProto]
 
 TORCH = "onnx2torch"
@@ -158,21 +160,6 @@ def load_model(model: ModelLike) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     return onnx.load(os.fspath(model))
-
-
-def node_names(graph: onnx.GraphProto) -> list[str]:
-    """A unique, stable key per node, in graph order: its name, or ``<op_type>_<index>`` if it
-    has none, with ``#<n>`` appended to repeats."""
-    seen: dict[str, int] = {}
-    out = []
-    for i, n in enumerate(graph.node):
-        key = n.name or f"{n.op_type}_{i}"
-        if key in seen:
-            seen[key] += 1
-            key = f"{key}#{seen[key]}"
-        seen.setdefault(key, 0)
-        out.append(key)
-    return out
 
 
 def _constant_value(node: onnx.NodeProto) -> Optional[np.ndarray]:

@@ -71,22 +71,6 @@ _FLOAT_FLOP_KERNELS = {"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "G
                        "FusedMatMul"}
 
 
-def _node_keys(graph: onnx.GraphProto) -> list[str]:
-    """The name each node has in the pipeline's IR: its name, or ``<op_type>_<index>`` if it
-    has none, ``#<n>`` appended to repeats (the rule of frontend.onnx_ops.node_names, copied
-    here so that this module needs no torch)."""
-    seen: dict[str, int] = {}
-    out = []
-    for i, n in enumerate(graph.node):
-        key = n.name or f"{n.op_type}_{i}"
-        if key in seen:
-            seen[key] += 1
-            key = f"{key}#{seen[key]}"
-        seen.setdefault(key, 0)
-        out.append(key)
-    return out
-
-
 def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -212,7 +196,7 @@ def integer_flop_share(fp32_model: onnx.ModelProto, int8_model, input_shapes: di
     C_out/groups * kernel``; Gemm/MatMul: ``out elements * K``.
 
     Source node -> ORT node, by name first (checked on the nudenet YOLOv8n and MTCNN files):
-    the frontend names each IR node after its source node (``frontend.onnx_ops.node_names``:
+    the frontend names each IR node after its source node (``frontend.onnx_names.node_names``:
     the node name, or ``<op_type>_<index>``); the QDQ exporter names the compute node
     ``<IR name>/Conv`` (``/MatMul``, ``/Gemm``); ORT's QDQ fusion names the integer kernel after
     the node it replaces plus ``_token_<n>`` (``/model.0/conv/Conv/Conv_token_17``). A file that
@@ -240,7 +224,9 @@ def integer_flop_share(fp32_model: onnx.ModelProto, int8_model, input_shapes: di
 
     # ---- FLOPs of the source graph
     g = fp32_model.graph
-    keys = _node_keys(g)
+    from ..frontend.onnx_names import node_names  # the IR's node names (torch-free)
+
+    keys = node_names(g)
     compute = [(k, n) for k, n in zip(keys, g.node) if n.op_type in _FLOP_OPS and n.domain in ("", "ai.onnx")]
     concrete = _with_input_shapes(fp32_model, input_shapes)
     try:
