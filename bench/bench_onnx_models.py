@@ -116,28 +116,10 @@ MTCNN_SIZES = {"pnet": 48, "rnet": 24, "onet": 48}
 
 
 def mtcnn_nets() -> dict:
-    """PNet, RNet, ONet with facenet-pytorch's weights, without importing its package (its
-    __init__ imports torchvision): models/mtcnn.py loaded by path under a stub parent package
-    (as tests/e2e/test_onnx_source_models.py does)."""
-    import types
+    """PNet, RNet, ONet with facenet-pytorch's weights (qwt_deploy.examples.mtcnn)."""
+    from qwt_deploy.examples.mtcnn import build_nets
 
-    root = _pkg_dir("facenet_pytorch")
-    for name, path in {"_mtcnn_pkg": [], "_mtcnn_pkg.utils": [], "_mtcnn_pkg.utils.detect_face": None}.items():
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            if path is not None:
-                mod.__path__ = path
-            mod.detect_face = mod.extract_face = None
-            sys.modules[name] = mod
-    s = importlib.util.spec_from_file_location("_mtcnn_pkg.mtcnn", os.path.join(root, "models", "mtcnn.py"))
-    mtcnn = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mtcnn)
-    nets = {}
-    for name, cls in (("pnet", mtcnn.PNet), ("rnet", mtcnn.RNet), ("onet", mtcnn.ONet)):
-        net = cls(pretrained=False)
-        net.load_state_dict(torch.load(os.path.join(root, "data", f"{name}.pt"), map_location="cpu", weights_only=True))
-        nets[name] = net.eval()
-    return nets
+    return build_nets()
 
 
 def mtcnn_data(size: int, n_cal: int, n_held: int, seed: int = 0):

@@ -5,11 +5,9 @@ PyTorch through ONNX Runtime on crops of skimage's astronaut photo or held-out p
 Bounds are a few times the measured errors (qwt_deploy/frontend/onnx_source.py docstring)."""
 
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import onnx
@@ -77,33 +75,13 @@ def whole(h: int, w: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ MTCNN
 def mtcnn_nets() -> dict:
-    """PNet, RNet, ONet with facenet-pytorch's weights, without importing its package.
+    """PNet, RNet, ONet with facenet-pytorch's weights (qwt_deploy.examples.mtcnn: loaded
+    without its torchvision import)."""
+    from qwt_deploy.examples import mtcnn
 
-    ``facenet_pytorch/__init__`` and ``models/utils/detect_face`` import torchvision, which
-    does not import beside this torch, so models/mtcnn.py is loaded by file path under a stub
-    parent package that answers its one relative import. Weights: ``weights_only=True``."""
-    spec = importlib.util.find_spec("facenet_pytorch")
-    if spec is None:
-        pytest.skip("needs facenet-pytorch: pip install --no-deps facenet-pytorch==2.6.0 "
-                    "(never without --no-deps: it would pull a CUDA torch)")
-    root = spec.submodule_search_locations[0]
-    stubs = {"_mtcnn_pkg": [], "_mtcnn_pkg.utils": [], "_mtcnn_pkg.utils.detect_face": None}
-    for name, path in stubs.items():
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            if path is not None:
-                mod.__path__ = path
-            mod.detect_face = mod.extract_face = None
-            sys.modules[name] = mod
-    s = importlib.util.spec_from_file_location("_mtcnn_pkg.mtcnn", os.path.join(root, "models", "mtcnn.py"))
-    mtcnn = importlib.util.module_from_spec(s)
-    s.loader.exec_module(mtcnn)
-    nets = {}
-    for name, cls in (("pnet", mtcnn.PNet), ("rnet", mtcnn.RNet), ("onet", mtcnn.ONet)):
-        net = cls(pretrained=False)
-        net.load_state_dict(torch.load(os.path.join(root, "data", f"{name}.pt"), map_location="cpu", weights_only=True))
-        nets[name] = net.eval()
-    return nets
+    if not mtcnn.available():
+        pytest.skip("needs facenet-pytorch: " + mtcnn.INSTALL)
+    return mtcnn.build_nets()
 
 
 def mtcnn_normalize(x: np.ndarray) -> np.ndarray:
