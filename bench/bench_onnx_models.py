@@ -450,9 +450,9 @@ def quantized_outputs(path: str) -> list[str]:
 
 def why_float(fp32: onnx.ModelProto, names: list[str]) -> dict:
     """Why each conv/matmul of the source stayed float in our file, as far as the graph says."""
-    from qwt_deploy.runtime.coverage import _node_keys
+    from qwt_deploy.frontend.onnx_names import node_names
 
-    nodes = dict(zip(_node_keys(fp32.graph), fp32.graph.node))
+    nodes = dict(zip(node_names(fp32.graph), fp32.graph.node))
     outputs = {o.name for o in fp32.graph.output}
     out = {}
     for k in names:
@@ -475,7 +475,7 @@ def run_ours(model: Model, method: str, workdir: str, ref: list, out_names: list
                             num_calib=len(model.cal), batch_size=batch_size, threads=THREADS)
     path = os.path.join(workdir, f"{model.name}.{method}.int8.onnx")
     t = time.perf_counter()
-    qm = qd.quantize(model.fp32_path, model.cal, cfg)
+    qm = qd.quantize(model.fp32_path, model.cal, cfg, evaluation=model.held)  # calibrate on every cal sample
     ex = qd.export(qm, path)
     seconds = time.perf_counter() - t
     cov, optimized = coverage_of(path)

@@ -23,7 +23,8 @@ import torch
 from ..graph.ir import Graph, Node
 from ..graph.ops import OPS, linear_as_matmul
 from .fold_arithmetic import FoldedLayer, deployed_bias, fold_affine, int32_bias_codes
-from .integer_kernels import IntegerLayer, integer_matmul, made_redundant_by_q, qlinear_add
+from .integer_kernels import (IntegerLayer, integer_matmul, made_redundant_by_q, qlinear_add, qlinear_mul,
+                              qlinear_sigmoid, qlinear_sigmoid_table)
 from .trt_kernels import AccumulatorLayer
 from .compensation import AffineFit, BlockBranch
 from .fake_quant import ActQuant, WeightQuant, bias_scale, quantize_bias_int32
@@ -112,7 +113,18 @@ def qlinear_add_params(node: Node, params: QuantParams, plan: Optional[QuantPlan
     """(q_a, q_b, q_out) if ONNX Runtime runs ``node`` as QLinearAdd: an activation + activation
     Add read through both input quantizers and followed by an 8-bit output Q, on the ONNX
     Runtime layout; None otherwise (it stays a float Add between DQ and Q)."""
-    if plan is None or plan.kernels is not Kernels.REQUANTIZING or node.op != "add" or len(node.inputs) != 2:
+    return _qlinear_binary_params(node, params, plan, "add")
+
+
+def qlinear_mul_params(node: Node, params: QuantParams, plan: Optional[QuantPlan]) -> Optional[tuple]:
+    """(q_a, q_b, q_out) if ONNX Runtime runs ``node`` as QLinearMul (same conditions as
+    QLinearAdd; broadcasting included: ORT fuses it too, and its kernel's arithmetic is the same
+    per element); None otherwise."""
+    return _qlinear_binary_params(node, params, plan, "mul")
+
+
+def _qlinear_binary_params(node: Node, params: QuantParams, plan: Optional[QuantPlan], op: str) -> Optional[tuple]:
+    if plan is None or plan.kernels is not Kernels.REQUANTIZING or node.op != op or len(node.inputs) != 2:
         return None
     if node.name in params.weights or node.name in params.branches:
         return None
@@ -125,6 +137,20 @@ def qlinear_add_params(node: Node, params: QuantParams, plan: Optional[QuantPlan
     if node.activation is not None and not made_redundant_by_q(node.activation, y):
         return None
     return qs[0], qs[1], y
+
+
+def qlinear_sigmoid_params(node: Node, params: QuantParams, plan: Optional[QuantPlan]) -> Optional[tuple]:
+    """(table, q_in) if ONNX Runtime runs ``node`` as QLinearSigmoid (a Sigmoid between an 8-bit
+    DQ and an 8-bit Q, ONNX Runtime layout): it looks the input codes up in a 256-entry table;
+    None otherwise."""
+    if plan is None or plan.kernels is not Kernels.REQUANTIZING or node.op != "sigmoid":
+        return None
+    x, y = params.acts.get(node.inputs[0]), params.acts.get(node.output)
+    if x is None or y is None or x.bits != 8 or y.bits != 8 or plan.activations.get(node.output) is not None:
+        return None
+    if not plan.sees_quantized(node.inputs[0], node.name):
+        return None
+    return qlinear_sigmoid_table(x, y), x
 
 
 def accumulator_layer(node: Node, params: QuantParams, plan: Optional[QuantPlan]) -> Optional[AccumulatorLayer]:
@@ -172,6 +198,12 @@ class SimulatedModel(torch.nn.Module):
         # ONNX Runtime layout: same-shape residual Adds as QLinearAdd computes them
         self._qadd = {} if params is None else {
             n.name: p for n in graph.nodes if (p := qlinear_add_params(n, params, plan)) is not None}
+        # ONNX Runtime layout: activation x activation Muls (SiLU, gates) as QLinearMul computes them
+        self._qmul = {} if params is None else {
+            n.name: p for n in graph.nodes if (p := qlinear_mul_params(n, params, plan)) is not None}
+        # ONNX Runtime layout: Sigmoids as QLinearSigmoid's lookup table (MLAS's logistic)
+        self._qsigmoid = {} if params is None else {
+            n.name: p for n in graph.nodes if (p := qlinear_sigmoid_params(n, params, plan)) is not None}
         # TensorRT layout: Conv/Gemm computed as TensorRT's INT8 kernels compute them
         self._acc = {} if params is None else {
             n.name: k for n in graph.nodes if (k := accumulator_layer(n, params, plan)) is not None}
@@ -225,6 +257,10 @@ class SimulatedModel(torch.nn.Module):
                 y = kernel(lambda a, codes: OPS[n.op].forward(n, [a], codes, None), xs[0])
             elif n.name in self._qadd and xs[0].shape == xs[1].shape:  # QLinearAdd (broadcasts: float Add)
                 y = qlinear_add(xs[0], xs[1], *self._qadd[n.name])
+            elif n.name in self._qmul:
+                y = qlinear_mul(xs[0], xs[1], *self._qmul[n.name])
+            elif n.name in self._qsigmoid:
+                y = qlinear_sigmoid(xs[0], *self._qsigmoid[n.name])
             else:
                 acc = self._acc.get(n.name)
                 both = self._act_matmul.get(n.name)
@@ -248,3 +284,20 @@ class SimulatedModel(torch.nn.Module):
                     raw.pop(v, None)
         outs = [self._read(env, raw, v, None) for v in g.outputs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def with_float_weights(self, names) -> "SimulatedModel":
+        """This model with the weighted nodes ``names`` computed in float on their (dequantized)
+        inputs: their INT8 weights, compensation and integer kernels dropped, every quantizer
+        and every other node's kernel kept and shared, not re-derived (per-layer sensitivity,
+        comparison.sensitivity). Each per-node table of this class is keyed by node name."""
+        import copy
+
+        drop = set(names)
+        p = self.params
+        sim = copy.copy(self)
+        sim.params = QuantParams(**{**vars(p), "weights": {k: v for k, v in p.weights.items() if k not in drop},
+                                    "cwac": {k: v for k, v in p.cwac.items() if k not in drop}})
+        for k, v in vars(self).items():
+            if k.startswith("_") and isinstance(v, dict) and drop & set(v):
+                object.__setattr__(sim, k, {n: t for n, t in v.items() if n not in drop})
+        return sim
