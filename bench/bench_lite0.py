@@ -44,7 +44,7 @@ def logits(session, x: np.ndarray) -> np.ndarray:
     return np.concatenate([run(session, x[i:i + 32]) for i in range(0, len(x), 32)])
 
 
-def quantize_static_model(fp32_path: str, calib: np.ndarray, out: str) -> bytes:
+def quantize_static_model(fp32_path: str, calib: np.ndarray, out: str, input_name: str = "input") -> bytes:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -53,7 +53,7 @@ def quantize_static_model(fp32_path: str, calib: np.ndarray, out: str) -> bytes:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter([{"input": calib[i:i + 1]} for i in range(len(calib))])
+            self.it = iter([{input_name: calib[i:i + 1]} for i in range(len(calib))])
 
         def get_next(self):
             return next(self.it, None)

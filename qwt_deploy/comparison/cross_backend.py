@@ -87,6 +87,11 @@ class CheckConfig:
     onnx_files: dict[str, str] = field(default_factory=dict)  # target -> an already exported file to check
     layerwise: bool = True
     gpu: bool = True  # try the CUDA / TensorRT paths
+    # also run OpenVINO CPU on each file (openvino-cpu[T]). Asked for, not default: OpenVINO
+    # requantizes in its own float order, so its rounding flips compound with depth (Lite0: ~83%
+    # of logits within 1 step of the fake-quant, top-1 99%) and the default gate would fail
+    # wherever openvino happens to be installed.
+    openvino: bool = False
 
 
 @dataclass
@@ -101,6 +106,7 @@ class PathSpec:
     reference: Optional[str] = None  # the fake-quant path a backend must match
     skipped: Optional[str] = None
     layerwise: bool = False
+    also_vs: tuple[str, ...] = ()  # other backends on the same file, compared per output but not gated
 
 
 QuantizedModelLike = "qwt_deploy.api.QuantizedModel"  # defined one layer up; check never imports it
@@ -262,6 +268,8 @@ def build_paths(cfg: CheckConfig, targets: list[CheckedFile], threads: int = 2, 
         paths.append(PathSpec(name, "backend", t.name, desc, OnnxrtRunner(loader, name=name),
                               dict(names) if cfg.layerwise else {}, list(out_names.values()), fq,
                               layerwise=cfg.layerwise))
+        if cfg.openvino:
+            paths.append(openvino_path(cfg, t, threads, list(out_names.values()), fq, name))
         for ep, pname in ((p.provider, p.path_name) for p in t.target.execution_providers):
             reason = gpu[ep]
             runner = None
@@ -281,6 +289,43 @@ def build_paths(cfg: CheckConfig, targets: list[CheckedFile], threads: int = 2, 
             paths.append(PathSpec("tensorrt[trt]", "backend", "trt", "TensorRT engine (strongly typed) via Polygraphy",
                                   runner, {}, list(out_names.values()), fq, skipped=trt_reason))
     return paths
+
+
+def openvino_path(cfg: CheckConfig, t: CheckedFile, threads: int, outputs: list[str], fake_quant: str,
+                  ort_path: str) -> PathSpec:
+    """OpenVINO CPU on the shipped file itself (both layouts run integer kernels there), with
+    float layers pinned to f32 (its bf16 default would move outputs by many steps). Gated
+    against the fake-quant like every backend, and compared with ONNX Runtime on the same file.
+    Per output only: a per-layer reading would mark intermediates as graph outputs, and unlike
+    ONNX Runtime's (check_marking) nothing here verifies that OpenVINO fuses the same layers then."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from ..runtime.openvino import InferencePrecision, SessionFromOnnxOpenVino, probe_openvino
+
+    name = f"openvino-cpu[{t.name}]"
+    status = probe_openvino()
+    reason = None if status.available else f"{status.reason}; pip install openvino"
+    runner = None
+    if reason is None:
+        # static compiles for batch 1 and the check batch (every full batch); a short last batch runs dynamic
+        loader = SessionFromOnnxOpenVino(t.data, threads, InferencePrecision.F32, (1, cfg.batch_size))
+        runner = OnnxrtRunner(loader, name=name)
+    desc = f"OpenVINO {status.version} CPU, f32 hint for float layers" if status.available else "OpenVINO CPU"
+    return PathSpec(name, "backend", t.name, desc, runner, {}, outputs, fake_quant, skipped=reason,
+                    also_vs=(ort_path,))
+
+
+def openvino_precisions(paths: list[PathSpec], targets: list[CheckedFile]) -> dict[str, dict]:
+    """Per OpenVINO path that ran: the precision each quantized layer executed in."""
+    from ..runtime.openvino import layer_precisions
+
+    out = {}
+    for p in paths:
+        session = getattr(getattr(p.runner, "_sess", None), "session", None)  # the loader keeps what it made
+        if p.name.startswith("openvino-cpu[") and session is not None:
+            t = next(tt for tt in targets if tt.name == p.target)
+            out[p.name] = layer_precisions(session, t.model).to_dict()
+    return out
 
 
 def check_marking(t: CheckedFile, x: InputSet, threads: int, values: Optional[list[str]] = None) -> dict:
@@ -371,6 +416,7 @@ class CheckReport:
     passed: bool
     failures: list
     timing_s: dict
+    openvino_precisions: dict = field(default_factory=dict)  # OpenVINO path -> precision per quantized layer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -480,7 +526,7 @@ def run_check(cfg: CheckConfig, targets: list[CheckedFile], x: InputSet, inputs_
             q = tg.qm.params.acts.get(value)
             step = float(q.scale) if q is not None else output_step(final[FP32][i])
             refs = [(p.reference, True)] if p.reference else []
-            refs.append((FP32, False))
+            refs += [(FP32, False)] + [(o, False) for o in p.also_vs]
             for ref, gated in refs:
                 if ref not in final:
                     continue
@@ -489,6 +535,12 @@ def run_check(cfg: CheckConfig, targets: list[CheckedFile], x: InputSet, inputs_
                 m.update(output=oname, path=p.name, reference=ref, gated=gated, passed=passed)
                 comparisons.append(m)
                 failures += [f"{p.name} vs {ref} on {oname}: {w}" for w in why]
+
+    precisions = openvino_precisions(paths, targets)
+    for pname, pr in precisions.items():  # a silent float fallback is a failure, not a footnote
+        if pr["float_fallback"]:
+            failures.append(f"{pname}: {len(pr['float_fallback'])} quantized layer(s) ran in float: "
+                            + ", ".join(pr["float_fallback"][:5]))
 
     divergence, large_error = {}, {}
     for b, f in pairs:
@@ -521,6 +573,7 @@ def run_check(cfg: CheckConfig, targets: list[CheckedFile], x: InputSet, inputs_
                     ran=p.runner is not None, skipped=p.skipped, layerwise=p.layerwise) for p in paths],
         fp32_capture_vs_module_max_abs=fp32_capture,
         marking_check=marking,
+        openvino_precisions=precisions,
         output_kinds=dict(zip(out_names, kinds)),
         notes=[EMBEDDING_NOTE] if "embedding" in kinds else [],
         outputs=comparisons,
