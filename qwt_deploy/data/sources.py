@@ -3,7 +3,8 @@
 Sources, all giving float32 N x C x H x W already preprocessed for the model:
 
 - ``.npy`` / ``.npz`` arrays (an ``.npz`` must hold exactly one array, or one named ``x``);
-- a folder of images, with explicit :class:`~qwt_deploy.data.preprocess.Preprocess` flags;
+- a folder of images, with :class:`~qwt_deploy.data.preprocess.Preprocess` flags (crop and resize
+  default to the model's input size, see ``Preprocess.for_input``);
 - the real photos bundled with the demo extra (``bundled``);
 - ``synthetic``: Gaussian noise, only when asked for. Accuracy figures made with it mean nothing.
 
@@ -18,7 +19,6 @@ import zipfile
 from dataclasses import replace
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from qwt_deploy.errors import QwtError
 
@@ -57,12 +57,16 @@ def load_image_folder(folder: str, pre: Preprocess, limit: int) -> np.ndarray:
         raise QwtError(f"calibration folder {folder} holds no images ({', '.join(IMAGE_EXTS)})",
                        "point --calib-data at a folder of JPEG/PNG images, or at a .npy array")
     out = []
+    from .photos import PhotoError, open_photo  # the size limits the edge runtime applies too
+
     for f in files[:limit]:
         try:
-            with Image.open(os.path.join(folder, f)) as im:
+            with open_photo(os.path.join(folder, f), pre.resize, pre.crop) as im:
                 out.append(pre.center(im))
-        except (UnidentifiedImageError, OSError) as e:
-            raise QwtError(f"image {os.path.join(folder, f)} cannot be decoded ({type(e).__name__})",
+        except PhotoError as e:
+            raise QwtError(f"image {os.path.join(folder, f)}: {e}", "remove or replace the file") from None
+        except OSError as e:  # unreadable file (permissions, I/O error)
+            raise QwtError(f"image {os.path.join(folder, f)} cannot be read ({e.strerror or type(e).__name__})",
                            "remove or replace the file") from None
     return np.stack(out)
 
@@ -93,11 +97,14 @@ def load_calibration(source: str, input_shape: tuple, num: int, pre: Preprocess,
     if source == "bundled":
         from .photos import calibration_photos, crops
 
-        x = crops(calibration_photos(), num, pre, seed)
+        x = crops(calibration_photos(), num, pre.for_input(input_shape), seed)
     elif os.path.isdir(source):
         channels = input_shape[0] if input_shape and isinstance(input_shape[0], int) else 3
-        x = load_image_folder(source, for_channels(pre, channels), num)
+        # images are read here: --resize/--crop not given come from the model's input size
+        x = load_image_folder(source, for_channels(pre.for_input(input_shape), channels), num)
     elif os.path.isfile(source):
+        if pre.given:  # recorded for the edge runtime: check them now, before minutes of calibration
+            pre.for_arrays(input_shape)
         x = load_array(source)[:num]
     else:
         raise QwtError(f"calibration data {source} does not exist", "pass a .npy/.npz file or an image folder")

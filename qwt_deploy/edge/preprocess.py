@@ -1,44 +1,30 @@
 """Image bytes -> model input, exactly as the model was calibrated (metadata from qwt-export).
 
-Decoding with the edge's limits (decompression bombs), then the one preprocessing
+Decoding with the edge's limits (decompression bombs, tiny files with huge resized copies,
+formats other than JPEG/PNG/BMP/WebP), then the one preprocessing
 implementation, :mod:`qwt_deploy.data.preprocess` (numpy + Pillow, no torch).
 """
 
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..data.photos import MAX_PIXELS, SERVED_FORMATS, PhotoError, open_photo
 from ..data.preprocess import center_crop, normalize
 from .metadata import ImagePreprocess
 
-# Decompression bombs: a few KB of PNG can claim 10^10 pixels. Refuse anything above this many
-# pixels (a 64-megapixel photo still passes) instead of letting Pillow allocate it.
-MAX_PIXELS = 64_000_000
+__all__ = ["MAX_PIXELS", "SERVED_FORMATS", "ImageDecodeError", "decode_image", "image_to_tensor",
+           "preprocess_image_bytes"]
+
+# The data layer's error: the bytes are not an image of a served format (JPEG, PNG, BMP, WebP),
+# or the image is too large (source, aspect ratio, or resized size; see data.photos).
+ImageDecodeError = PhotoError
 
 
-class ImageDecodeError(ValueError):
-    """The bytes are not an image Pillow can decode, or the image is absurdly large."""
-
-
-def decode_image(data: bytes) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageDecodeError(f"image is {w}x{h} pixels, more than the limit of {MAX_PIXELS}")
-            img.load()
-    except ImageDecodeError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"image cannot be decoded ({type(e).__name__}: {e})") from None
-    return img
+def decode_image(data: bytes, pre: ImagePreprocess) -> Image.Image:
+    """Decode within the memory budget of data.photos (checked from the header, before decoding)."""
+    return open_photo(data, pre.resize, pre.crop, SERVED_FORMATS)
 
 
 def image_to_tensor(img: Image.Image, pre: ImagePreprocess) -> np.ndarray:
@@ -50,4 +36,4 @@ def image_to_tensor(img: Image.Image, pre: ImagePreprocess) -> np.ndarray:
 
 
 def preprocess_image_bytes(data: bytes, pre: ImagePreprocess) -> np.ndarray:
-    return image_to_tensor(decode_image(data), pre)
+    return image_to_tensor(decode_image(data, pre), pre)

@@ -15,6 +15,7 @@ saying what to do instead.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -95,21 +96,49 @@ def _load_weights_only(path: str):
                        "pass a torch.export program, or a state dict saved with torch.save(model.state_dict())") from None
 
 
+class _TorchLogCapture(logging.Filter):
+    """Holds back a torch logger's records while loading a file: ``torch.export.load`` logs a
+    12-line traceback for a damaged archive before raising; our one line names its cause."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.logger, self.records = logging.getLogger(name), []
+
+    def filter(self, record) -> bool:
+        self.records.append(record)
+        return False
+
+    def first_exception(self) -> Optional[BaseException]:
+        return next((r.exc_info[1] for r in self.records if r.exc_info and r.exc_info[1] is not None), None)
+
+    def __enter__(self):
+        self.logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self)
+
+
 def load_model(path: Optional[str], factory: Optional[str] = None, trust_pickle: bool = False) -> LoadedModel:
     if factory:
         return LoadedModel(module=load_factory(factory, path), description=f"factory {factory}" + (f" + {path}" if path else ""))
     if not path:
         raise QwtError("no model given", "pass a model file, or --model-factory package.module:factory")
+    if os.path.isdir(path):
+        raise QwtError(f"model path {path} is a folder, not a file", "pass the model file (e.g. model.pt2) inside it")
     if not os.path.isfile(path):
         raise QwtError(f"model file {path} does not exist", "check the path")
     if os.path.getsize(path) == 0:
         raise QwtError(f"model file {path} is empty", "re-save the model with torch.export.save")
     kind = sniff(path)
     if kind == "export":
+        swallowed = _TorchLogCapture("torch.export")  # torch logs the real cause as a traceback, then raises a vaguer one
         try:
-            return LoadedModel(program=torch.export.load(path), description=f"torch.export program {path}")
+            with swallowed:
+                return LoadedModel(program=torch.export.load(path), description=f"torch.export program {path}")
         except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            cause = swallowed.first_exception() or e
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:160]
             raise QwtError(f"{path} looks like a torch.export program but cannot be loaded ({first})",
                            "re-save it with torch.export.save from the same torch version") from None
     if kind == "torchscript":
