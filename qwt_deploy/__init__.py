@@ -33,6 +33,8 @@ from ._version import __version__
 _PUBLIC = {
     "quantize": "api", "export": "api", "verify": "api", "check": "api", "load": "api",
     "calibration_inputs": "api", "export_float": "api",
+    "evaluate": "api", "sensitivity": "api", "auto_fallback": "api", "Fallback": "api",
+    "Accuracy": "comparison.accuracy", "AccuracyGates": "comparison.accuracy", "HoldOut": "comparison.accuracy",
     "QuantizedModel": "api", "ExportedModel": "api", "Verification": "api",
     "QuantizeConfig": "config", "CalibrationSettings": "calibration.sequential",
     "Method": "calibration.method", "LayerCompensation": "calibration.method",

@@ -34,6 +34,7 @@ from ._version import __version__
 from .atomic import atomic_write_bytes
 from .calibration.qwt_branch import compensation_summary
 from .calibration.sequential import CalibrationResult, CalibrationSettings, calibrate
+from .comparison.accuracy import Accuracy, AccuracyGates, HoldOut, holdout_split, measure
 from .comparison.agreement import Agreement, compare
 from .config import QuantizeConfig
 from .data.inputs import InputSet, validate_inputs
@@ -71,6 +72,22 @@ class QuantizedModel:
     inputs: InputSet  # the calibration samples actually used, one array per model input
     preprocess: Preprocess = field(default_factory=Preprocess)  # for image sources given as paths
     timing: dict[str, float] = field(default_factory=dict)
+    # held-out data for accuracy against FP32 (never calibrated on): the user's evaluation data,
+    # the source's own held-out set (built-in examples, bundled photos) or a split of the
+    # calibration data (comparison.accuracy.holdout_split); None when there was none to hold out
+    heldout: Optional[InputSet] = None
+    heldout_labels: Optional[np.ndarray] = None
+    heldout_source: str = ""  # where it came from, in words (or why there is none)
+    config: Optional[QuantizeConfig] = None  # as given to quantize (keep_float etc.), for re-quantizing
+    _accuracy: Optional[Accuracy] = field(default=None, repr=False)
+
+    @property
+    def accuracy(self) -> Optional[Accuracy]:
+        """This model against FP32 on :attr:`heldout` (computed once, on first use); None when
+        there is no held-out data."""
+        if self._accuracy is None and self.heldout is not None:
+            self._accuracy = evaluate(self)
+        return self._accuracy
 
     @property
     def params(self) -> QuantParams:
@@ -234,9 +251,18 @@ def calibration_inputs(calibration: CalibrationLike, graph: Graph, num: int = 51
 # ------------------------------------------------------------------------ calibrate + compensate
 def quantize(model: ModelLike, calibration: CalibrationLike, config: Optional[QuantizeConfig] = None,
              progress: Optional[Progress] = None, *, factory: Optional[str] = None,
-             trust_pickle: bool = False) -> QuantizedModel:
+             trust_pickle: bool = False, evaluation: Optional[CalibrationLike] = None,
+             evaluation_labels: Optional[np.ndarray] = None,
+             holdout: Optional[HoldOut] = HoldOut()) -> QuantizedModel:
     """Steps 1-3: load and capture the model, place quantizers for the target, calibrate and
-    compensate (closed form, sequential, no back-propagation)."""
+    compensate (closed form, sequential, no back-propagation).
+
+    Held-out data for :attr:`QuantizedModel.accuracy` (never calibrated on), first that applies:
+    ``evaluation`` (any form ``calibration`` takes; ``evaluation_labels`` one class per sample);
+    a source's own held-out set (``example:NAME``, ``bundled``: ``holdout.samples`` of them, with
+    the example's labels where it has them); else ``holdout`` splits the loaded calibration
+    samples (default 10%, at least 32; nothing is held out from fewer than 64, nor when
+    ``holdout`` is None or the source is ``synthetic``)."""
     cfg = config or QuantizeConfig()
     target = cfg.target
     timing = {}
@@ -261,12 +287,196 @@ def quantize(model: ModelLike, calibration: CalibrationLike, config: Optional[Qu
         check_conversion(loaded.onnx_converted_from, loaded.onnx, dict(zip(x.names, x.head(4).arrays)))
     if len(x) < cfg.num_calib and not (isinstance(calibration, str) and calibration in ("synthetic", "bundled")):
         logger.info(f"note: {len(x)} calibration samples available (asked for {cfg.num_calib})")
+    x, held, labels, held_source = _hold_out(calibration, graph, cfg, x, evaluation, evaluation_labels, holdout)
     timing["data"] = time.perf_counter() - t
 
     result = calibrate(graph, plan, x.calibration_batches(cfg.batch_size), settings, progress)
     timing["calibrate"] = result.seconds
     return QuantizedModel(loaded=loaded, graph=graph, plan=plan, target=target, settings=settings,
-                          result=result, inputs=x, preprocess=cfg.preprocess, timing=timing)
+                          result=result, inputs=x, preprocess=cfg.preprocess, timing=timing, heldout=held,
+                          heldout_labels=labels, heldout_source=held_source, config=cfg)
+
+
+def _hold_out(calibration, graph: Graph, cfg: QuantizeConfig, x: InputSet, evaluation, labels,
+              holdout: Optional[HoldOut]) -> tuple[InputSet, Optional[InputSet], Optional[np.ndarray], str]:
+    """(calibration samples, held-out samples, their labels, where they came from): see quantize."""
+    if evaluation is not None:
+        held = calibration_inputs(evaluation, graph, num=2**62, preprocess=cfg.preprocess, seed=cfg.seed)
+        if labels is not None and len(np.asarray(labels).reshape(-1)) < len(held):
+            raise QwtError(f"{len(np.asarray(labels).reshape(-1))} evaluation labels for {len(held)} evaluation samples",
+                           "give one integer class label per evaluation sample, in the same order")
+        lab = None if labels is None else np.asarray(labels).reshape(-1)[:len(held)]
+        src = evaluation if isinstance(evaluation, str) else f"{type(evaluation).__name__} given as evaluation data"
+        return x, held, lab, src
+    if holdout is None:
+        return x, None, None, "none (hold-out off)"
+    if isinstance(calibration, str) and calibration == "synthetic":
+        return x, None, None, "none (synthetic calibration data: accuracy would mean nothing)"
+    own = _own_held_out(calibration, graph, cfg, holdout.samples) if isinstance(calibration, str) else None
+    if own is not None:
+        return (x, *own)
+    cal, held = holdout_split(len(x), holdout, cfg.seed)
+    if not len(held):
+        return x, None, None, (f"none ({len(x)} calibration samples: at least {2 * holdout.minimum} are needed to "
+                               f"hold out {holdout.minimum}; pass evaluation data)")
+    logger.info(f"note: {len(held)} of {len(x)} calibration samples held out for accuracy against FP32")
+    return (x.take(cal), x.take(held), None,
+            f"{len(held)} of {len(x)} calibration samples held out (seed {cfg.seed}), never calibrated on")
+
+
+def _own_held_out(source: str, graph: Graph, cfg: QuantizeConfig, n: int):
+    """The held-out set that comes with ``bundled`` or ``example:NAME`` (its labels where it has
+    them), or None for any other source."""
+    first = graph.inputs[0]
+    if source == "bundled" and len(graph.inputs) == 1 and graph.is_float_input(first):
+        from .data.photos import crops, evaluation_photos
+
+        held = crops(evaluation_photos(), n, cfg.preprocess.for_input(tuple(graph.dims(first)[1:])), cfg.seed + 1)
+        return InputSet.single(first, validate(held, tuple(graph.dims(first)[1:]), "bundled photos")), None, \
+            f"{n} crops of the bundled evaluation photos (never calibrated on)"
+    example = example_from_source(source)
+    if example is None:
+        return None
+    held, labels = example.evaluation(n, cfg.seed + 1)
+    arrays = dict(zip(held.names, held.arrays)) if isinstance(held, InputSet) else {first: np.asarray(held)[:n]}
+    if any(v not in arrays for v in graph.inputs):
+        return None
+    held = validate_inputs({k: v[:n] for k, v in arrays.items() if k in graph.inputs}, graph, f"example {example.name}")
+    lab = None if labels is None else np.asarray(labels)[:len(held)]
+    return held, lab, f"{len(held)} held-out samples of example {example.name} (never calibrated on)"
+
+
+# ------------------------------------------------------------------ accuracy against FP32
+def _batches(x: InputSet, batch_size: int = 32) -> list:
+    """``x`` in order (labels stay aligned), as the simulation takes it."""
+    return [x.take(slice(i, i + batch_size)).torch() for i in range(0, len(x), batch_size)]
+
+
+def evaluate(quantized: QuantizedModel, inputs: Optional[CalibrationLike] = None,
+             labels: Optional[np.ndarray] = None, *, batch_size: int = 32) -> Accuracy:
+    """The quantized model (its PyTorch simulation, which ``verify`` checks ONNX Runtime against)
+    against FP32 on ``inputs`` (default: its held-out data and labels): top-1 agreement, mean
+    KL, cosine, SQNR, and top-1 accuracy of both with labels."""
+    from .comparison.sensitivity import run_first_output
+
+    qm = quantized
+    if inputs is None:
+        if qm.heldout is None:
+            raise QwtError(f"no held-out data to evaluate on: {qm.heldout_source or 'none'}",
+                           "pass evaluation data (evaluation=..., --eval-data FILE)")
+        x, labels, source = qm.heldout, qm.heldout_labels if labels is None else labels, qm.heldout_source
+    else:
+        x = inputs if isinstance(inputs, InputSet) else calibration_inputs(inputs, qm.graph, num=2**62,
+                                                                          preprocess=qm.preprocess)
+        source = inputs if isinstance(inputs, str) else "inputs given to evaluate"
+    b = _batches(x, batch_size)
+    fp32 = run_first_output(qm.float_model(), b)
+    return measure(fp32, run_first_output(qm.simulation(), b), labels, source)
+
+
+def evaluate_file(exported: "ExportedModel", inputs: InputSet, labels: Optional[np.ndarray] = None, *,
+                  threads: int = 2, batch_size: int = 32, source: str = "") -> Accuracy:
+    """The exported file as ONNX Runtime runs it (:func:`check_session`) against FP32 on
+    ``inputs``: what ships, where it differs from the simulation :func:`evaluate` measures."""
+    from .comparison.sensitivity import run_first_output
+
+    qm = exported.quantized
+    sess = check_session(exported, threads)
+    parts = [inputs.take(slice(i, i + batch_size)) for i in range(0, len(inputs), batch_size)]
+    got = np.concatenate([sess.run(None, b.feed(sess))[0] for b in parts])
+    fp32 = run_first_output(qm.float_model(), [b.torch() for b in parts])
+    return measure(fp32, got, labels, source or "inputs given to evaluate_file")
+
+
+def sensitivity(quantized: QuantizedModel, inputs: Optional[CalibrationLike] = None, *, samples: int = 32,
+                batch_size: int = 32, exact: bool = False, progress: Optional[Progress] = None):
+    """Per-layer sensitivity on ``samples`` held-out inputs (default: the model's own held-out
+    data): see :func:`qwt_deploy.comparison.sensitivity.layer_sensitivity`."""
+    from .comparison.sensitivity import layer_sensitivity
+
+    qm = quantized
+    if inputs is None and qm.heldout is None:
+        raise QwtError(f"no held-out data for the sensitivity analysis: {qm.heldout_source or 'none'}",
+                       "pass held-out inputs (--eval-data FILE or --inputs)")
+    x = qm.heldout if inputs is None else (inputs if isinstance(inputs, InputSet) else calibration_inputs(
+        inputs, qm.graph, num=2**62, preprocess=qm.preprocess))
+    x = x.head(max(1, samples))
+    source = qm.heldout_source if inputs is None else (inputs if isinstance(inputs, str) else "given inputs")
+    return layer_sensitivity(qm.graph, qm.plan, qm.params, _batches(x, batch_size), samples=len(x),
+                             source=source, exact=exact, progress=progress)
+
+
+@dataclass
+class Fallback:
+    """``auto_fallback``'s outcome: the model re-quantized with the chosen layers kept float."""
+
+    quantized: QuantizedModel  # re-calibrated with keep_float + chosen (the input model if none)
+    chosen: list[str]
+    met: bool  # the gates are met on the full held-out data by ``quantized``
+    before: Accuracy  # all layers quantized, full held-out data
+    after: Accuracy  # ``quantized``, full held-out data
+    sensitivity: object  # SensitivityReport used for the ranking (None when no fallback was needed)
+    search: object  # FallbackSearch on the sensitivity subset (None when no fallback was needed)
+    max_float_layers: int = 0
+    seconds: float = 0.0
+    # the search's layers when, re-calibrated for real, they did not help (then none are kept float)
+    rejected: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        return dict(chosen=self.chosen, met=self.met, before=self.before.to_dict(), after=self.after.to_dict(),
+                    max_float_layers=self.max_float_layers, seconds=self.seconds, rejected=self.rejected,
+                    sensitivity=None if self.sensitivity is None else self.sensitivity.to_dict(),
+                    search=None if self.search is None else self.search.to_dict())
+
+
+def auto_fallback(quantized: QuantizedModel, gates: AccuracyGates, *, max_float_layers: int = 8,
+                  samples: int = 32, progress: Optional[Progress] = None,
+                  sensitivity_progress: Optional[Progress] = None, ranking=None) -> Fallback:
+    """Keep the most sensitive layers float, greedily, until ``gates`` are met on held-out data,
+    at most ``max_float_layers`` of them. Ranked by :func:`sensitivity` and searched on its
+    subset without re-calibrating (comparison.sensitivity.greedy_fallback); then the model is
+    re-calibrated once with those layers kept float (``keep_float`` node names, as
+    ``--keep-float`` takes them) and measured on the full held-out data. ``ranking``: a
+    :func:`sensitivity` report of this model to reuse (else it is computed here)."""
+    from .comparison.sensitivity import Variants, gate_score, greedy_fallback, run_first_output
+
+    t = time.perf_counter()
+    qm = quantized
+    if not gates.any:
+        raise QwtError("auto-fallback needs a target", "pass --min-agreement, --max-kl or --min-cosine")
+    if max_float_layers < 1:
+        raise QwtError(f"--max-float-layers {max_float_layers} is below 1", "allow at least one layer, e.g. 8")
+    before = qm.accuracy
+    if before is None:
+        raise QwtError(f"auto-fallback needs held-out data: {qm.heldout_source or 'none'}",
+                       "pass --eval-data FILE, or at least 64 calibration samples")
+    gates.check_kind(before.kind)
+    if gates.met(before):
+        return Fallback(quantized=qm, chosen=[], met=True, before=before, after=before, sensitivity=None,
+                        search=None, max_float_layers=max_float_layers, seconds=time.perf_counter() - t)
+    report = ranking if ranking is not None else sensitivity(qm, samples=samples, progress=sensitivity_progress)
+    # the search measures each candidate set on all the held-out data (the gates' own data: a
+    # subset's top-1 agreement is too coarse to decide a 0.99 bar), with the ranking's fast variants
+    x, labels = qm.heldout, qm.heldout_labels
+    b = _batches(x)
+    fp32 = run_first_output(qm.float_model(), b)
+    variants = Variants(qm.graph, qm.plan, qm.params, report.exact)
+    search = greedy_fallback(lambda layers: measure(fp32, run_first_output(variants.without(layers), b), labels),
+                             report.ranking(), gates, max_float_layers)
+    out, chosen, rejected = qm, list(search.chosen), None
+    if chosen:
+        cfg = replace(qm.config, keep_float=tuple(qm.config.keep_float) + tuple(chosen))
+        out = quantize(qm.loaded, qm.inputs, cfg, progress, evaluation=qm.heldout, evaluation_labels=qm.heldout_labels)
+        out.heldout_source = qm.heldout_source
+        if not gates.met(out.accuracy) and gate_score(out.accuracy, gates) >= gate_score(before, gates):
+            # re-calibrated for real, the float layers do not bring the gated figures closer to
+            # the bar: float layers that cost latency for nothing are not shipped
+            rejected = dict(layers=chosen, accuracy=out.accuracy.to_dict())
+            out, chosen = qm, []
+    after = out.accuracy
+    return Fallback(quantized=out, chosen=chosen, met=gates.met(after), before=before, after=after,
+                    sensitivity=report, search=search, max_float_layers=max_float_layers,
+                    seconds=time.perf_counter() - t, rejected=rejected)
 
 
 # ---------------------------------------------------------------------------- export + fold
@@ -317,6 +527,16 @@ def export_float(model: Union[QuantizedModel, Graph, ModelLike],
     else:
         graph = capture_graph(load(model), example_shape)
     return export_onnx(graph, metadata={"qwt_deploy.version": __version__})
+
+
+def latency_ms(sessions: Mapping[str, "ExportedModel | onnx.ModelProto"], x: InputSet, threads: int = 2) -> dict:
+    """Batch-1 latency of several files in one process, interleaved (runtime.onnxruntime):
+    name -> ms. An ExportedModel runs as its check runs it; a ModelProto as is."""
+    sess = {}
+    for k, m in sessions.items():
+        sess[k] = (check_session(m, threads) if isinstance(m, ExportedModel)
+                   else SessionFromOnnx(m.SerializeToString(), threads, allow_spinning=False)())
+    return interleaved_latency_ms(sess, x.head(1))
 
 
 # ------------------------------------------------------------------------------ run + verify

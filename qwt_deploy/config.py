@@ -66,6 +66,17 @@ class ExportConfig:
     # --target ort: zero-pad quantized Convs' input channels to a multiple of 4 so ONNX Runtime's
     # fast MLAS INT8 conv kernel runs them (exact; graph_passes/pad_conv_input_channels.py)
     pad_conv_channels: bool = True
+    # accuracy against FP32 on held-out data (api.quantize holds it out; comparison.accuracy)
+    eval_data: Optional[str] = None  # --eval-data: own held-out inputs (default: a split of the calibration data)
+    eval_labels: Optional[str] = None  # --eval-labels: one class per eval sample (.npy or text, one per line)
+    holdout_fraction: float = 0.1  # share of the calibration samples held out (at least 32)
+    min_agreement: Optional[float] = None  # gates: exit 1 when missed (None: not gated)
+    max_kl: Optional[float] = None
+    min_cosine: Optional[float] = None
+    save_fp32: bool = False  # also write <model>.fp32.onnx (the FP32 reference, same graph)
+    auto_fallback: bool = False  # keep the most sensitive layers float until the gates are met
+    max_float_layers: int = 8  # the auto-fallback's cap
+    sensitivity_samples: int = 32  # held-out samples the sensitivity ranking runs on
 
     def quantize_config(self) -> QuantizeConfig:
         return QuantizeConfig(target=self.target, settings=self.quant, num_calib=self.num_calib,

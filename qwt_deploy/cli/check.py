@@ -16,7 +16,8 @@ Quantize a model exactly as qwt-export does (same flags, same seed: same file), 
 set of real held-out inputs through every backend and say whether they agree:
 
   PyTorch FP32 | PyTorch fake-quant (per target) | ONNX Runtime CPU (ort layout: integer kernels;
-  trt layout: float simulation) | ONNX Runtime CUDA / TensorRT EP and a TensorRT engine, where present
+  trt layout: float simulation) | ONNX Runtime CUDA / TensorRT EP and a TensorRT engine, where present |
+  with --openvino: OpenVINO CPU (both layouts in integer kernels; also compared with ONNX Runtime)
 
 Errors are measured in output quantization steps, not fixed float tolerances: backends
 legitimately differ by rounding flips of about one step. Models with several inputs (token ids
@@ -49,13 +50,17 @@ examples:
 
   # lint any QDQ ONNX file (made by any tool) against TensorRT's explicit-quantization rules
   qwt-check --lint trt model.onnx
+  qwt-check --lint trt model.onnx --all-findings    # every finding, not 3 per rule (or --json)
 
 Writes REPORT_DIR/check.json (every figure), REPORT_DIR/check.txt (the table) and
-REPORT_DIR/sqnr.png (per-layer SQNR of each backend against FP32).
+REPORT_DIR/sqnr.png (where is the damage: per-layer SQNR against FP32, each backend over its
+fake-quant; do the backends agree: per-layer share of elements off their fake-quant, the gate,
+the first divergence).
 """
 
 DEFAULT_MIN_COSINE = 0.995  # = CheckConfig.min_cosine (why: see there)
-_HIDDEN = ("output", "target", "no_latency", "keep_unfolded", "labels")  # qwt-export flags that mean nothing here
+_HIDDEN = ("output", "target", "no_latency", "keep_unfolded", "labels",
+           "save_fp32", "auto_fallback", "max_float_layers", "gate_max_kl")  # qwt-export flags that mean nothing here
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--report-dir", default="qwt-check-report", help="folder for check.json, check.txt and "
                    "sqnr.png (default ./qwt-check-report)")
     c = p.add_argument_group("check")
-    c.add_argument("--targets", default="ort", help="comma-separated backend layouts to check: ort, trt (default ort)")
+    # --target too (qwt-export's spelling), so a command line copied from qwt-export works here
+    c.add_argument("--targets", "--target", dest="targets", default="ort", help="comma-separated backend layouts to "
+                   "check: ort, trt (default ort; --target is the same flag)")
     c.add_argument("--inputs", help="held-out inputs: 'bundled' (the example's own held-out data the calibration never "
                    "saw: photos, test images, sentences; default for --example), a preprocessed .npy/.npz (N,C,H,W), "
                    "an image folder (same preprocessing flags), or for a model with several inputs an .npz with one "
@@ -96,21 +103,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check this already exported file for TARGET instead of re-exporting (repeatable)")
     c.add_argument("--no-layers", action="store_true", help="compare outputs only (no per-layer SQNR/divergence)")
     c.add_argument("--no-gpu", action="store_true", help="don't try CUDA / TensorRT paths")
+    c.add_argument("--openvino", action="store_true", help="also run each file in OpenVINO CPU (openvino-cpu[T]; "
+                   "pip install openvino): gated against the fake-quant like every backend, compared with ONNX Runtime "
+                   "on the same file, and the precision each quantized layer executed in (a float fallback fails)")
     c.add_argument("--show-layers", action="store_true", help="print the per-layer table, not just its summary")
     c.add_argument("--lint", metavar="BACKEND", choices=("trt",), help="only lint MODEL (an ONNX file) against the "
-                   "backend's QDQ rules: prints the findings, exit 1 on errors")
+                   "backend's QDQ rules: prints the findings grouped by rule with counts, exit 1 on errors")
+    c.add_argument("--all-findings", action="store_true", help="with --lint: list every finding, not the first 3 "
+                   "of each rule")
+    c.add_argument("--json", action="store_true", help="with --lint: print the findings as JSON on stdout (counts, "
+                   "and every finding grouped by rule)")
+    c.add_argument("--sensitivity", action="store_true", help="per-layer sensitivity instead of the backend check: "
+                   "for each quantized layer the end-to-end KL (cosine for non-classifiers) vs FP32 on held-out "
+                   "data (--inputs, --eval-data, or the hold-out split) when only it is quantized and when only it "
+                   "is left float; writes sensitivity.json/.txt/.png to -o (--sensitivity-samples, default 32)")
     return p
 
 
-def run_lint(backend: str, path: str) -> int:
+def run_lint(backend: str, path: str, show_all: bool = False, as_json: bool = False) -> int:
+    import json
+
     import onnx
 
     if not path:
         raise QwtError("--lint needs an ONNX file", "run qwt-check --lint trt model.onnx")
+    if os.path.isdir(path):
+        raise QwtError(f"ONNX path {path} is a folder, not a file", "pass the path of a .onnx file")
     if not os.path.isfile(path):
         raise QwtError(f"ONNX file {path} does not exist", "pass the path of a .onnx file")
     try:
-        from qwt_deploy.graph_passes.check_trt_rules import check_trt_rules, format_findings
+        from qwt_deploy.graph_passes.check_trt_rules import check_trt_rules, findings_to_dict, format_findings
     except ImportError:
         raise QwtError("the TensorRT rule checker is not available in this install",
                        "install a qwt-deploy version with qwt_deploy.graph_passes.check_trt_rules") from None
@@ -118,9 +140,14 @@ def run_lint(backend: str, path: str) -> int:
         model = onnx.load(path)
     except Exception as e:
         raise QwtError(f"{path} is not a readable ONNX model ({type(e).__name__})", "pass an ONNX file") from None
+    if not model.ir_version and not model.opset_import and not model.graph.node:  # protobuf parses b"" as a model
+        raise QwtError(f"{path} is not an ONNX file (empty, or no ONNX model in it)", "pass an ONNX file") from None
     findings = check_trt_rules(model)
     errors = [f for f in findings if f.severity == "error"]
-    print(format_findings(findings) if findings else f"{path}: no findings")
+    if as_json:
+        print(json.dumps(dict(model=path, backend=backend, **findings_to_dict(findings)), indent=1))
+        return 1 if errors else 0
+    print(format_findings(findings, show_all=show_all) if findings else f"{path}: no findings")
     print(f"\n{path}: {len(errors)} error(s), {len(findings) - len(errors)} warning(s) against TensorRT's "
           "explicit-quantization rules")
     return 1 if errors else 0
@@ -209,6 +236,10 @@ def render(r: dict, show_layers: bool = False) -> str:
                    f"final output changed by {m['final_output_max_diff_steps']:.2f} steps"
                    + ("" if m.get("same_integer_kernels", True) else " -- INTEGER KERNELS DIFFER")
                    + "".join(f"; {k} {a}->{b}" for k, (a, b) in m.get("float_ops_changed", {}).items()))
+    for pname, pr in r.get("openvino_precisions", {}).items():
+        out.append(f"  executed precision on {pname}: {pr['integer']}/{pr['quantized_layers']} quantized layers in "
+                   f"integer kernels ({', '.join(f'{k} {v}' for k, v in sorted(pr['by_precision'].items()))})"
+                   + (f" -- FLOAT FALLBACK: {', '.join(pr['float_fallback'][:5])}" if pr["float_fallback"] else ""))
     out += ["", output_table(r), ""]
     s = r["settings"]
     for oname, kind in r.get("output_kinds", {}).items():
@@ -266,7 +297,7 @@ def config_from_args(a):
                        atol_steps=a.atol_steps, min_agreement=a.min_agreement, min_cosine=a.min_cosine,
                        step_gate_embeddings=step_gate_embeddings, output_kind=a.output_kind, onnx_files=onnx_files,
                        large_error_steps=a.large_error_steps,
-                       layerwise=not a.no_layers, gpu=not a.no_gpu)
+                       layerwise=not a.no_layers, gpu=not a.no_gpu, openvino=a.openvino)
 
 
 def write_reports(report: dict, text: str, report_dir: str) -> dict:
@@ -293,7 +324,11 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         if args.lint:
-            return run_lint(args.lint, args.model)
+            return run_lint(args.lint, args.model, show_all=args.all_findings, as_json=args.json)
+        if args.sensitivity:
+            from .sensitivity import main_from_args
+
+            return main_from_args(args)
         cfg = config_from_args(args)
         from polygraphy.logger import G_LOGGER
 

@@ -25,6 +25,9 @@ Model input (recognised by content, not extension):
   model.pt2                       a torch.export program (torch.export.save) -- recommended
   --model-factory pkg.mod:fn [w]  a Python factory, plus an optional state-dict file w
   model.pt --trust-pickle         a pickled nn.Module (unpickling runs code from the file)
+
+The exported file's batch axis is dynamic (input and output axis 0, named "batch"): run it at
+any batch size. --input-shape and the calibration data fix only the other axes.
 """
 
 EPILOG = """\
@@ -48,8 +51,11 @@ examples:
   # your model, your preprocessed calibration array (N x C x H x W float32)
   qwt-export model.pt2 --calib-data calib.npy --target ort -o model.int8.onnx
 
-  # an image folder, preprocessed explicitly
+  # an image folder, preprocessed explicitly (--resize/--crop left out: from the model's input size)
   qwt-export model.pt2 --calib-data images/ --resize 256 --crop 224 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
+
+  # preprocessed arrays, and how they were made: recorded so that qwt-run/qwt-serve take images
+  qwt-export model.pt2 --calib-data calib.npy --resize 298 --mean 123.7,116.3,103.5 --std 58.4,57.1,57.4
 
   # the TensorRT layout (symmetric INT8, Q/DQ on layer inputs, float bias), checked against
   # TensorRT's rules; builds lite0.trt.engine where TensorRT and a GPU exist, else writes
@@ -65,6 +71,13 @@ examples:
 Writes OUTPUT and OUTPUT-minus-.onnx + .report.json (per-layer alpha/beta and fit quality,
 INT8 coverage, ONNX Runtime vs PyTorch agreement, latency, sizes). Exit code 2 on bad input.
 """
+
+
+def _one_target(s: str) -> str:
+    if "," in s:  # qwt-check --targets takes a list; an export writes one file for one layout
+        raise argparse.ArgumentTypeError(f"{s!r}: qwt-export writes one file for one target; run it once per "
+                                         "target (qwt-check --targets ort,trt compares several)")
+    return s
 
 
 def _floats3(s: str) -> tuple[float, float, float]:
@@ -97,19 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "from the demo extra), example:NAME (a built-in example's data, e.g. example:fashion-cnn = 512 Fashion-MNIST "
                      "training images), or 'synthetic' (noise: accuracy figures then mean nothing)")
     cal.add_argument("--num-calib", type=int, default=512, help="calibration samples (default 512, as in the QwT papers)")
-    cal.add_argument("--batch-size", type=int, default=32)
-    cal.add_argument("--resize", type=int, default=256, help="images: resize the short side to this (default 256)")
-    cal.add_argument("--crop", type=int, default=224, help="images: center-crop size (default 224)")
-    cal.add_argument("--mean", type=_floats3, default=(127.0, 127.0, 127.0), help="images: per-channel mean on 0..255 (default 127)")
-    cal.add_argument("--std", type=_floats3, default=(128.0, 128.0, 128.0), help="images: per-channel std on 0..255 (default 128)")
+    cal.add_argument("--batch-size", type=int, default=32, help="calibration samples per forward pass (default "
+                     "32): larger is faster and holds more activations in memory")
+    # Preprocessing: None = not given. Image sources (a folder, 'bundled') complete it from the
+    # model's input size; for arrays only given values are recorded (Preprocess.for_input/for_arrays).
+    cal.add_argument("--resize", type=int, default=None, help="images: resize the short side to this (default: "
+                     "crop / 0.875, e.g. 256 for a 224 crop). With .npy/.npz data: how the arrays were made, "
+                     "recorded in the model so qwt-run/qwt-serve take images (give --resize, --mean and --std)")
+    cal.add_argument("--crop", type=int, default=None, help="images: center-crop size; must be the model's input "
+                     "size (default: the model's input height = width)")
+    cal.add_argument("--mean", type=_floats3, default=None, help="images: per-channel mean on 0..255 (one value, or "
+                     "R,G,B; default 127 for image folders; with arrays recorded only when given)")
+    cal.add_argument("--std", type=_floats3, default=None, help="images: per-channel std on 0..255 (default 128 for "
+                     "image folders; with arrays recorded only when given)")
     q = p.add_argument_group("quantization and compensation")
-    q.add_argument("--target", choices=TARGET_NAMES, default="ort", help="backend layout. ort = ONNX Runtime CPU integer "
+    q.add_argument("--target", "--targets", dest="target", type=_one_target, choices=TARGET_NAMES, default="ort",
+                   help="backend layout (--targets is the same flag, as qwt-check spells it; one target per "
+                   "file: run qwt-export once per target). ort = ONNX Runtime CPU integer "
                    "kernels (uint8 asymmetric activations, Q on op outputs so ORT fuses QLinearConv/QGemm, INT32 "
                    "bias). trt = TensorRT explicit quantization (symmetric INT8 activations with zero point 0, Q/DQ "
                    "on the inputs of Conv/Gemm and on the skip input of residual Adds so TensorRT fuses them, float "
                    "bias); checked against TensorRT's rules (qwt-check --lint trt), verified in ONNX Runtime float "
                    "simulation, and built into an engine where TensorRT and a GPU exist"),
-    q.add_argument("--method", choices=METHODS, default="qwt2", help="qwt2 = channel-wise affine compensation (default); "
+    q.add_argument("--method", choices=METHODS, default="qwt2", metavar="METHOD", help="one of "
+                   + " | ".join(METHODS) + " (a comma joins QwT v1 branches to a per-layer method). "
+                   "qwt2 = channel-wise affine compensation (default); "
                    "bias-correction = same with alpha fixed at 1; none = plain PTQ; qwt = QwT (v1): one closed-form "
                    "linear branch per residual block (1x1 conv / MatMul + Add, float, extra parameters and latency); "
                    "qwt,qwt2 = both")
@@ -145,10 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--cwac-reference", choices=("same-input", "float-input"), default="same-input",
                    help="input of the full-precision layer in the fit: the quantized input the layer sees (QwT-v2), "
                         "or the value before its input quantizer")
+    add_accuracy_arguments(p)
     p.add_argument("--labels", metavar="FILE", help="class names, one per line, stored in the ONNX metadata so "
                    "qwt-run/qwt-serve print names (default for --example efficientnet-lite0: ImageNet-1k)")
     o = p.add_argument_group("run")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="seed for the random crops of bundled photos, example "
+                   "data, synthetic data and PyTorch (default 0): the same flags and seed give the same file")
     o.add_argument("--threads", type=int, default=2, help="CPU threads for calibration and ONNX Runtime (default 2)")
     o.add_argument("--no-latency", action="store_true", help="skip the FP32 vs INT8 latency measurement")
     o.add_argument("--keep-unfolded", action="store_true", help="also write the graph with explicit CWAC Mul/Add nodes")
@@ -160,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--quiet", action="store_true", help="no progress bar, no notes: only warnings, errors and the summary")
     o.add_argument("-v", "--verbose", action="store_true", help="debug detail on stderr")
     return p
+
+
+def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
+    """--eval-data, --eval-labels, the gates, --save-fp32, --auto-fallback (cli/accuracy_flags.py)."""
+    from .accuracy_flags import add_arguments
+
+    add_arguments(p)
+
+
+def accuracy_fields(a) -> dict:
+    from .accuracy_flags import config_fields
+
+    return config_fields(a)
 
 
 def _keep_float(text: str) -> tuple[str, ...]:
@@ -223,6 +263,9 @@ def config_from_args(a) -> "ExportConfig":
         raise QwtError(f"--input-shape {a.input_shape} is not C,H,W", "write e.g. --input-shape 3,224,224") from None
     if a.num_calib < 1:
         raise QwtError("--num-calib must be at least 1", "use 512 (the papers' setting) or more")
+    for flag, v in (("--batch-size", a.batch_size), ("--threads", a.threads)):
+        if v < 1:
+            raise QwtError(f"{flag} {v} is below 1", f"pass {flag} 1 or more")
     return ExportConfig(
         model=a.model, output=out, model_factory=factory, trust_pickle=a.trust_pickle, calib_data=calib,
         num_calib=a.num_calib, batch_size=a.batch_size, seed=a.seed, threads=a.threads,
@@ -232,7 +275,8 @@ def config_from_args(a) -> "ExportConfig":
                                   ridge=a.ridge, reference=a.cwac_reference, qwt_ridge=a.qwt_ridge,
                                   qwt_group_channels=a.qwt_group_channels, qwt_blocks=a.qwt_blocks),
         measure_latency=not a.no_latency, keep_unfolded=a.keep_unfolded, example_shape=shape, labels_file=labels,
-        keep_float=_keep_float(a.keep_float), pad_conv_channels=not a.no_pad_conv_channels)
+        keep_float=_keep_float(a.keep_float), pad_conv_channels=not a.no_pad_conv_channels,
+        **accuracy_fields(a))
 
 
 def main(argv=None) -> int:
@@ -257,11 +301,19 @@ def main(argv=None) -> int:
     except InternalError as e:
         print(f"qwt-export: internal error (a qwt-deploy bug, please report it): {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # the staged outputs were removed on the way out: nothing half-written is left
+        print("qwt-export: interrupted; no output was written", file=sys.stderr)
+        return 130
     print(table(summary_rows(report), "qwt-export summary"))
     if report["layers"] and cfg.quant.method.fits_layers:
         print("\nlargest compensation gains (output SQNR of the layer vs its FP32 version on the same input):")
         print(layer_rows(report))
-    print(f"\nwrote {cfg.output} and {report['report_path']}")
+    print(f"\nwrote {cfg.output}{' and ' + report['fp32_path'] if report.get('fp32_path') else ''} and "
+          f"{report['report_path']}")
+    failures = (report.get("accuracy_gates") or {}).get("failures")
+    if failures:  # the files are written (for inspection); the exit code says the bar was missed
+        print("qwt-export: accuracy gate FAILED: " + "; ".join(failures), file=sys.stderr)
+        return 1
     return 0
 
 
