@@ -17,6 +17,7 @@ are skipped rather than guessed.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -385,19 +386,69 @@ def errors(findings: Iterable[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity == ERROR]
 
 
-def format_findings(findings: list[Finding], max_rows: int = 40) -> str:
-    """A readable table: severity, rule, node, message and fix; a count line at the end."""
+@dataclass(frozen=True)
+class RuleGroup:
+    """Every finding of one rule: a model with 200 Conv layers breaks a rule 200 times, and the
+    reader needs the rule, how often, its fix and the nodes, not 200 rows of the same text."""
+
+    rule: str
+    severity: str
+    fix: str  # the group's fix, with the node names it quotes written as <node>
+    findings: tuple[Finding, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.findings)
+
+    def to_dict(self) -> dict:
+        return dict(rule=self.rule, severity=self.severity, count=self.count, fix=self.fix,
+                    findings=[dict(node=f.node, message=f.message, fix=f.fix) for f in self.findings])
+
+
+def _generic_fix(fix: str) -> str:
+    return re.sub(r"'[^']*'", "<node>", fix)
+
+
+def group_findings(findings: Iterable[Finding]) -> list[RuleGroup]:
+    """Findings grouped by rule and fix (one rule can have different causes: quantized-type is
+    a uint8 activation or an INT32 bias, each with its own fix): errors first, then the most
+    frequent first; graph order within a group."""
+    by_key: dict[tuple[str, str], list[Finding]] = {}
+    for f in findings:
+        by_key.setdefault((f.rule, _generic_fix(f.fix)), []).append(f)
+    groups = [RuleGroup(rule, fs[0].severity, fix, tuple(fs)) for (rule, fix), fs in by_key.items()]
+    return sorted(groups, key=lambda g: (g.severity != ERROR, -g.count))
+
+
+def findings_to_dict(findings: list[Finding]) -> dict:
+    """The JSON of ``qwt-check --lint trt --json``: counts, and every finding grouped by rule."""
+    n_err = len(errors(findings))
+    return dict(errors=n_err, warnings=len(findings) - n_err, rules=[g.to_dict() for g in group_findings(findings)])
+
+
+def format_findings(findings: list[Finding], show_all: bool = False, examples: int = 3) -> str:
+    """One block per rule (severity, rule, count, fix), then the nodes it fired on with what
+    is wrong there: the first ``examples`` of each rule, or all of them with ``show_all``.
+    Node names are printed whole (they are module paths, whose ends and starts both matter)."""
     n_err = len(errors(findings))
     summary = f"TensorRT rule check: {n_err} error(s), {len(findings) - n_err} warning(s)"
     if not findings:
         return summary
-    rows = [(f.severity, f.rule, f.node if len(f.node) <= 40 else "..." + f.node[-37:], f.message, f.fix)
-            for f in findings[:max_rows]]
-    head = ("severity", "rule", "node", "problem", "fix")
-    w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-    line = lambda r: "  ".join(c.ljust(w[i]) if i < 4 else c for i, c in enumerate(r))  # noqa: E731
-    out = [summary, line(head), "  ".join("-" * x for x in w) + "  ---"] + [line(r) for r in rows]
-    if len(findings) > max_rows:
-        out.append(f"... and {len(findings) - max_rows} more")
+    groups = group_findings(findings)
+    head = ("severity", "rule", "count", "fix")
+    rows = [(g.severity, g.rule, str(g.count), g.fix) for g in groups]
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
+    line = lambda r: "  ".join(c.ljust(w[i]) if i < 3 else c for i, c in enumerate(r))  # noqa: E731
+    out = [summary + f" in {len({g.rule for g in groups})} rule(s)", line(head), "  ".join("-" * x for x in w) + "  ---"]
+    hidden = 0
+    for g, row in zip(groups, rows):
+        out.append(line(row))
+        shown = g.findings if show_all else g.findings[:examples]
+        out += [f"    {f.node}: {f.message}" for f in shown]
+        if len(shown) < g.count:
+            out.append(f"    ... {g.count - len(shown)} more {g.rule} finding(s)")
+            hidden += g.count - len(shown)
+    if hidden:
+        out.append(f"({hidden} finding(s) not listed: qwt-check --lint trt MODEL --all-findings lists every one, "
+                   "--json prints them as JSON)")
     return "\n".join(out)
-

@@ -21,6 +21,65 @@ import torch.nn as nn
 torch.set_num_threads(2)
 
 
+# ------------------------------------------------ one FP32 ONNX export per distinct PyTorch program
+# Every PyTorch model reaches the pipeline through torch.onnx.export (dynamo), 1-3 s even for the
+# small CNN, and most tests quantize the same few programs again and again. The session cache
+# below keys each export on the bytes of the torch.export program it is made from (plus the
+# names, dynamic axes and opset), so a program that is exported again gets the same ONNX graph
+# it got the first time, without the exporter. Only successful exports are cached (a test of
+# an exporter error still sees the error), each caller gets its own copy, and tests that call
+# onnx_source.fp32_onnx_from_module by name (tests/unit/frontend) bypass it. QWT_TEST_NO_ONNX_CACHE=1
+# turns it off, e.g. to time or debug the exporter itself.
+_ONNX_CACHE: dict = {}
+ONNX_CACHE_STATS = {"hits": 0, "misses": 0}
+
+
+def _program_key(onnx_source, module_or_program, example_inputs, dynamic_shapes, rest) -> "str | None":
+    import hashlib
+    import io
+
+    try:
+        program, spec_names = onnx_source._export_program(module_or_program, example_inputs, dynamic_shapes)
+        buf = io.BytesIO()
+        torch.export.save(program, buf)
+    except Exception:  # not exportable or not serializable: no key, the real export decides
+        return None
+    return hashlib.sha256(buf.getvalue() + repr((sorted(spec_names.items()) if isinstance(spec_names, dict)
+                                                 else spec_names, rest)).encode()).hexdigest()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cached_fp32_onnx_export():
+    import onnx
+
+    from qwt_deploy.frontend import onnx_source
+
+    if os.environ.get("QWT_TEST_NO_ONNX_CACHE"):
+        yield
+        return
+    original = onnx_source.fp32_onnx_from_module
+
+    def cached(module_or_program, example_inputs=None, dynamic_shapes=None, input_names=None, output_names=None,
+               *, opset=onnx_source.OPSET):
+        args = (module_or_program, example_inputs, dynamic_shapes, input_names, output_names)
+        key = _program_key(onnx_source, module_or_program, example_inputs, dynamic_shapes,
+                           (input_names, output_names, opset))
+        if key is None:
+            return original(*args, opset=opset)
+        if key not in _ONNX_CACHE:
+            ONNX_CACHE_STATS["misses"] += 1
+            _ONNX_CACHE[key] = original(*args, opset=opset).SerializeToString()
+        else:
+            ONNX_CACHE_STATS["hits"] += 1
+        model = onnx.ModelProto()
+        model.ParseFromString(_ONNX_CACHE[key])
+        return model
+
+    onnx_source.fp32_onnx_from_module = cached
+    yield
+    onnx_source.fp32_onnx_from_module = original
+
+
 class SmallCNN(nn.Module):
     """Conv-BN-ReLU6 stem with "same" padding, a depthwise block with a residual add, GAP, Linear."""
 

@@ -3,15 +3,27 @@ edge runtime (qwt-run, qwt-serve). numpy + Pillow only, so the torch-free edge i
 
 Explicit and typed: resize the short side, center-crop, then ``(pixel - mean) / std`` per
 channel on 0..255 RGB values (or grey, with one mean/std value: the image is converted to
-Pillow's "L", as the edge runtime does for 1-channel models). Nothing is guessed from the model.
+Pillow's "L", as the edge runtime does for 1-channel models).
+
+A :class:`Preprocess` holds what the user gave (``None``: not given). :meth:`Preprocess.for_input`
+completes it for a model's input size, and checks what was given against it: the crop is the
+model's input height (= width), the resize that crop / 0.875 (ImageNet's 256 for 224), mean 127
+and std 128. Those completions are used only where images are actually read (an image folder,
+the bundled photos); for array calibration data only given values are recorded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
+from qwt_deploy.errors import QwtError
+
+CROP_FRACTION = 0.875  # resize = crop / 0.875: the usual ImageNet evaluation ratio (256 for 224)
+DEFAULT_MEAN, DEFAULT_STD = 127.0, 128.0
 
 
 def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
@@ -34,21 +46,76 @@ def center_crop(img: Image.Image, resize: int, crop: int, color: str) -> np.ndar
     return np.asarray(img.crop((left, top, left + crop, top + crop)))
 
 
+def image_size(sample_shape: Sequence) -> Optional[int]:
+    """H (= W) of a square 1- or 3-channel image input ``(C, H, W)``, else None."""
+    shape = tuple(sample_shape)
+    if len(shape) == 3 and shape[0] in (1, 3) and isinstance(shape[1], int) and shape[1] == shape[2]:
+        return int(shape[1])
+    return None
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    resize: int = 256  # short side, pixels
-    crop: int = 224
-    mean: tuple[float, ...] = (127.0, 127.0, 127.0)  # on 0..255, per channel: 3 (RGB) or 1 (grey)
-    std: tuple[float, ...] = (128.0, 128.0, 128.0)
+    """Image preprocessing; a field left ``None`` was not given (see :meth:`for_input`)."""
+
+    resize: Optional[int] = None  # short side, pixels
+    crop: Optional[int] = None
+    mean: Optional[tuple[float, ...]] = None  # on 0..255, per channel: 3 (RGB) or 1 (grey)
+    std: Optional[tuple[float, ...]] = None
+
+    @property
+    def given(self) -> bool:
+        """Whether any value was given (a flag, an example's settings)."""
+        return any(getattr(self, f.name) is not None for f in fields(self))
+
+    @property
+    def complete(self) -> bool:
+        return all(getattr(self, f.name) is not None for f in fields(self))
+
+    def for_input(self, sample_shape: Sequence) -> "Preprocess":
+        """This preprocessing completed for a model input ``(C, H, W)`` and checked against it:
+        the crop must be the model's (square) input size and the resize at least the crop."""
+        dims = tuple(sample_shape)
+        size = image_size(dims)
+        shape = "x".join(str(d) for d in dims)
+        dynamic = len(dims) == 3 and dims[0] in (1, 3) and not all(isinstance(d, int) for d in dims[1:])
+        if size is None and not dynamic:
+            raise QwtError(f"image preprocessing needs a square 1- or 3-channel image input, the model takes N x {shape}",
+                           "pass preprocessed arrays (.npy/.npz) without --resize/--crop/--mean/--std")
+        if size is None and self.crop is None:  # dynamic height/width: any crop fits, none is implied
+            raise QwtError(f"the model's input height and width are dynamic (N x {shape}), so no crop size follows "
+                           "from it", "pass --crop (and --resize) for the images")
+        crop = size if self.crop is None else self.crop
+        if size is not None and crop != size:
+            raise QwtError(f"--crop {crop} does not match the model's input size {size}x{size} (N x {shape})",
+                           f"pass --crop {size}, or leave --crop out (it defaults to the model's input size)")
+        resize = round(crop / CROP_FRACTION) if self.resize is None else self.resize
+        if resize < crop:
+            raise QwtError(f"--resize {resize} is smaller than the crop {crop}",
+                           f"pass --resize {round(crop / CROP_FRACTION)} (crop / 0.875) or at least {crop}")
+        mean = (DEFAULT_MEAN,) * 3 if self.mean is None else tuple(self.mean)
+        std = (DEFAULT_STD,) * 3 if self.std is None else tuple(self.std)
+        return replace(self, resize=int(resize), crop=int(crop), mean=mean, std=std)
+
+    def for_arrays(self, sample_shape: Sequence) -> "Preprocess":
+        """The preprocessing a user gave for calibration arrays, checked against the model input:
+        recorded for the edge runtime only when the values that made the arrays are all known
+        (the crop follows from the model's input size); nothing is filled in."""
+        missing = [f"--{name}" for name in ("resize", "mean", "std") if getattr(self, name) is None]
+        if missing:
+            raise QwtError(f"image preprocessing flags were given for preprocessed arrays, but not {', '.join(missing)}",
+                           "pass --resize, --mean and --std as your arrays were made (the edge runtime feeds images "
+                           "with them), or none of the preprocessing flags")
+        return self.for_input(sample_shape)
 
     @property
     def color(self) -> str:
         """Pillow mode the images are converted to: "L" (grey, 1 channel) with one mean/std value."""
-        return "L" if len(self.mean) == 1 else "RGB"
+        return "L" if self.mean is not None and len(self.mean) == 1 else "RGB"
 
     def to_dict(self) -> dict:
-        return dict(resize=self.resize, crop=self.crop, mean=list(self.mean), std=list(self.std),
-                    layout=f"NCHW {self.color}")
+        return dict(resize=self.resize, crop=self.crop, mean=None if self.mean is None else list(self.mean),
+                    std=None if self.std is None else list(self.std), layout=f"NCHW {self.color}")
 
     def normalize(self, rgb: np.ndarray) -> np.ndarray:
         """HxWx3 (or HxW grey) uint8 -> CxHxW float32."""
@@ -78,4 +145,4 @@ class Preprocess:
         return self.normalize(np.asarray(crop))
 
 
-LITE0 = Preprocess()  # EfficientNet-Lite0: 224/0.875 resize, 224 crop, (x - 127) / 128
+LITE0 = Preprocess(resize=256, crop=224, mean=(127.0,) * 3, std=(128.0,) * 3)  # EfficientNet-Lite0: (x - 127) / 128

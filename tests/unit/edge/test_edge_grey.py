@@ -183,7 +183,7 @@ def test_qwt_serve_answers_a_png_like_qwt_run(fashion_cnn_onnx):
 
     srv = Server(fashion_cnn_onnx, "--max-wait-ms", "1")
     try:
-        status, body = srv.request("POST", "/v1/predict?top_k=2", open(PNGS[1], "rb").read(),
+        status, body = srv.request("POST", "/v1/predict?top_k=2&outputs=1", open(PNGS[1], "rb").read(),
                                    {"Content-Type": "image/png"})
         assert status == 200, body
         got = np.asarray(body["outputs"][0]["data"], np.float32)

@@ -185,16 +185,17 @@ def test_edge_package_source_imports_no_workstation_module():
 
 
 def test_images_are_refused_when_calibration_used_arrays(edge_model_path):
-    """Calibrated on .npy arrays, the recorded preprocessing is only qwt-export's default: an image
-    request must get a clear 415, not a silently wrong answer."""
+    """An export from before the "source" key, calibrated on .npy arrays: its recorded
+    preprocessing is only qwt-export's old default, so an image request gets a clear 415 that
+    says how to re-export, not a silently wrong answer."""
     import dataclasses
 
-    from qwt_deploy.edge.metadata import export_metadata, parse_metadata
+    from qwt_deploy.edge.metadata import parse_metadata
     from qwt_deploy.edge.model import BadInput, EdgeModel
 
-    meta = export_metadata(dict(resize=36, crop=32, mean=[1.0] * 3, std=[2.0] * 3, layout="NCHW RGB"), [3, 32, 32],
-                           "calib.npy")
-    assert json.loads(meta["qwt_deploy.preprocess"])["from_images"] is False
+    meta = {"qwt_deploy.preprocess": json.dumps(dict(resize=36, crop=32, mean=[1.0] * 3, std=[2.0] * 3,
+                                                     layout="NCHW RGB", from_images=False)),
+            "qwt_deploy.input_shape": "[3, 32, 32]"}
     m = EdgeModel(edge_model_path)
     assert m.accepts_images
     m.metadata = dataclasses.replace(m.metadata, preprocess=parse_metadata(meta).preprocess)
@@ -202,3 +203,4 @@ def test_images_are_refused_when_calibration_used_arrays(edge_model_path):
     with pytest.raises(BadInput) as e:
         m.tensor_from_image(open(photo(), "rb").read())
     assert e.value.status == 415 and "preprocessed arrays" in e.value.message
+    assert "--resize 37 --crop 32 --mean R,G,B --std R,G,B" in e.value.message

@@ -49,7 +49,7 @@ def test_predict_image_equals_qwt_run(servers, edge_model_path, tmp_path, capsys
     capsys.readouterr()
     ref = np.load(out)
     for name in ("on", "off"):
-        status, body = servers[name].request("POST", "/v1/predict?top_k=3", open(photo(), "rb").read(),
+        status, body = servers[name].request("POST", "/v1/predict?top_k=3&outputs=1", open(photo(), "rb").read(),
                                              {"Content-Type": "image/png"})
         assert status == 200, body
         got = np.asarray(body["outputs"][0]["data"], np.float32)
@@ -64,7 +64,7 @@ def test_batching_on_and_off_agree_under_concurrency(servers, edge_model_path):
     results = {}
     for name in ("on", "off"):
         with cf.ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda x: servers[name].predict_tensor(x[None]), xs))
+            answers = list(pool.map(lambda x: servers[name].predict_tensor(x[None], outputs=True), xs))
         assert all(s == 200 for s, _ in answers), answers[0]
         results[name] = np.concatenate([np.asarray(b["outputs"][0]["data"], np.float32) for _, b in answers])
     tol = output_tolerance(edge_model_path, results["off"])

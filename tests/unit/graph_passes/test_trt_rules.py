@@ -221,5 +221,5 @@ def test_format_findings_is_a_table_with_a_count():
     text = format_findings(check_trt_rules(m))
     first, header = text.splitlines()[:2]
     assert first.startswith("TensorRT rule check: 4 error(s)")
-    assert header.split() == ["severity", "rule", "node", "problem", "fix"]
+    assert header.split() == ["severity", "rule", "count", "fix"]
     assert "zero-point" in text and "quantized-type" in text

@@ -3,6 +3,7 @@
 import os
 import sys
 
+import onnx
 import pytest
 
 from qwt_deploy import api
@@ -47,7 +48,12 @@ def test_missing_tensorrt_writes_the_command_line_and_says_why(trt_onnx, monkeyp
     assert msg.startswith("no TensorRT engine was built: import tensorrt failed") and paths["command"] in msg
     with open(paths["command"]) as f:
         text = f.read()
-    assert f"trtexec --onnx={trt_onnx} --saveEngine={paths['engine']}" in text
+    # paths relative to the file's folder (it travels to the GPU machine with the model), and
+    # the optimization profile of the dynamic batch axis
+    name, engine = os.path.basename(trt_onnx), os.path.basename(paths["engine"])
+    assert f"trtexec --onnx={name} --saveEngine={engine} " in text and os.path.dirname(trt_onnx) not in text
+    x = onnx.load(trt_onnx).graph.input[0].name
+    assert f"--minShapes={x}:1x3x32x32 --optShapes={x}:8x3x32x32 --maxShapes={x}:32x3x32x32" in text
     assert not os.path.exists(paths["engine"]) and not os.path.exists(paths["log"])  # nothing faked
     assert not [f for f in os.listdir(os.path.dirname(trt_onnx)) if f.startswith(".tmp-")]
     assert result.to_dict()["built"] is False and result.to_dict()["engine_path"] is None
