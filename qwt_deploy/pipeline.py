@@ -181,8 +181,8 @@ def _run_export(cfg: ExportConfig, progress, staged: StagedFiles, t_start: float
         diverging = first_diverging_layer(cfg, ex, tensor_names, held)
     accuracy_ort = None
     if accuracy is not None and v.agreement.within_1_step < MIN_EXACT and qm.target.integer_kernels:
-        # ONNX Runtime does not compute what the simulation does (e.g. it re-quantizes a float
-        # Conv between DQ and Q per tensor): the file's own accuracy is what ships and is gated
+        # ONNX Runtime does not compute what the simulation does: the file's own accuracy is
+        # what ships and is gated
         accuracy_ort = api.evaluate_file(ex, qm.heldout, qm.heldout_labels, threads=cfg.threads,
                                          source=qm.heldout_source + "; ONNX Runtime on the exported file")
     gated = accuracy_ort or accuracy

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(_blocks.15._project_conv: the module path, as the report's layer table names it), or "
                         "re:PATTERN (a regular expression searched in node names), e.g. --keep-float "
                         "'add,_blocks.15._project_conv,re:^_blocks\\.1[45]\\.'. A Conv/Linear kept float keeps its "
-                        "float weights (on --target ort, ONNX Runtime may still quantize a float Conv that reads a "
-                        "quantized value). A name or pattern that selects no node, or a word that is none of these, "
+                        "float weights (on --target ort its bias is written as an INT32 DequantizeLinear so that ONNX "
+                        "Runtime does not quantize the weight itself). A name or pattern that selects no node, or a word that is none of these, "
                         "is an error; a kind the model lacks is not. LayerNorm, Softmax, GELU and every op without "
                         "an integer kernel are float anyway. Use 'add' to keep residual adds float (transformers' "
                         "outlier channels; the minilm example's default)")

@@ -111,9 +111,10 @@ class KeepFloat:
 
     A kept node is FLOAT whatever its op's role: a Conv/Linear kept float gets no INT8 weight
     (it is not in ``QuantPlan.weighted``) and its output is quantized only where an integer
-    reader needs it, like any float op's. Caveat (--target ort): ONNX Runtime >= 1.21
-    (WeightBiasQuantization) itself quantizes a float Conv/Gemm weight per tensor whenever its
-    input comes from a DequantizeLinear."""
+    reader needs it, like any float op's. On --target ort, ONNX Runtime >= 1.21
+    (WeightBiasQuantization) would itself quantize a float Conv/Gemm weight per tensor whenever its
+    input comes from a DequantizeLinear; the exporter prevents that (exporter.qdq,
+    ``_emit_float_as_int32_dq``)."""
 
     kinds: frozenset[str] = frozenset()  # IR op kinds (OPS keys): every node of the kind
     nodes: frozenset[str] = frozenset()  # IR node names (by name, ONNX op type or regex)

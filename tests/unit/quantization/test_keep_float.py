@@ -162,3 +162,29 @@ def test_cli_passes_entries_through_and_checks_patterns_early():
         "softmax", "_blocks.15._project_conv", "re:^_blocks\\.1[45]\\.")
     with pytest.raises(QwtError, match="regular expression"):
         _keep_float("re:(")
+
+
+@pytest.mark.parametrize("kept", ["expand", "fc"])
+def test_ort_runs_a_kept_float_layer_in_float(kept, small_program, mech_data, tmp_path):
+    """A Conv/Gemm kept float on the ort layout reads a DequantizeLinear output, and ONNX Runtime's
+    WeightBiasQuantization would quantize a float initializer weight behind our back (the file then
+    computes something else than was measured). The exporter writes its weight and bias as
+    DequantizeLinear of INT32 codes, which ORT leaves alone: ORT's optimized graph keeps a float
+    Conv/Gemm there, and ORT matches the simulation within one output step."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from conftest import op_counts, quantized
+    from qwt_deploy import api
+
+    qm = quantized(small_program, mech_data, keep_float=(kept,))
+    path = str(tmp_path / "m.int8.onnx")
+    ex = api.export(qm, path)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    counts = op_counts(onnx.load(str(tmp_path / "opt.onnx")))
+    float_op = {"expand": ("Conv", "FusedConv"), "fc": ("Gemm",)}[kept]
+    assert sum(counts.get(op, 0) for op in float_op) == 1, counts  # the kept layer, in float
+    v = api.verify(ex, mech_data[:16], measure_latency=False)
+    assert v.agreement.within_1_step >= 0.999, v.agreement
