@@ -43,9 +43,9 @@ def _emit_int8_table_lookup(g: OnnxBuilder, name: str, table, ids: str) -> str:
     return g.op("Mul", [rows, g.op("Gather", [scales, ids], f"{name}/scales", axis=0)], name)
 
 
-def _emit_float_as_int32_dq(g: OnnxBuilder, name: str, x: np.ndarray, axis: Optional[int]) -> str:
+def _emit_float_as_int32_dq(g: OnnxBuilder, name: str, x: np.ndarray) -> str:
     """A float constant as DequantizeLinear(int32 codes, power-of-two scale): the same values
-    (exact where |x| >= 2**-6 of its (channel's) max, otherwise within 2**-30 of that max).
+    (exact where |x| >= 2**-6 of its max, otherwise within 2**-30 of that max).
 
     Why (the bias of a Conv/Gemm kept float by --keep-float or --auto-fallback on the ort layout):
     such a layer reads a DequantizeLinear output, and ONNX Runtime's WeightBiasQuantization
@@ -57,18 +57,9 @@ def _emit_float_as_int32_dq(g: OnnxBuilder, name: str, x: np.ndarray, axis: Opti
     selector fuses. (INT32 weight codes instead do not work: ORT's QGemm selector fuses them and
     then rejects the graph.) The cost is one dequantization of the bias per run."""
     x = np.asarray(x, np.float32)
-    if axis is None:
-        m = np.abs(x).max(initial=0.0)
-        scale = np.float32(2.0 ** (np.floor(np.log2(m)) - 29) if m > 0 else 1.0)
-        codes = np.rint(x / scale)
-        return g.dequantize(name, codes.astype(np.int32), np.asarray(scale, np.float32))
-    red = tuple(i for i in range(x.ndim) if i != axis)
-    m = np.abs(x).max(axis=red)
-    scale = np.where(m > 0, 2.0 ** (np.floor(np.log2(np.where(m > 0, m, 1.0))) - 29), 1.0).astype(np.float32)
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    codes = np.rint(x / scale.reshape(shape))
-    return g.dequantize(name, codes.astype(np.int32), scale, axis=axis)
+    m = np.abs(x).max(initial=0.0)
+    scale = np.float32(2.0 ** (np.floor(np.log2(m)) - 29) if m > 0 else 1.0)
+    return g.dequantize(name, np.rint(x / scale).astype(np.int32), np.asarray(scale, np.float32))
 
 
 def _emit_qwt_branch(g: OnnxBuilder, name: str, fit, x: str, y: str) -> str:
@@ -169,7 +160,7 @@ def export_onnx(
                   and plan.sees_quantized(n.inputs[0], n.name)):  # kept float, behind a DQ: see why there
                 w_name = g.const(f"{n.name}.weight", n.weight.numpy().astype(np.float32))
                 bias = n.bias.numpy() if n.bias is not None else np.zeros(n.weight.shape[0], np.float32)
-                b_name = _emit_float_as_int32_dq(g, f"{n.name}.bias", bias, axis=None)
+                b_name = _emit_float_as_int32_dq(g, f"{n.name}.bias", bias)
             else:
                 w_name = g.const(f"{n.name}.weight", n.weight.numpy().astype(np.float32))
                 if n.bias is not None:
