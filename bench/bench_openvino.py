@@ -48,17 +48,17 @@ import onnx
 from onnx import numpy_helper
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lite0 import quantize_static_model  # noqa: E402  (one quantize_static recipe for every bench)
+# run as a script, its folder is on sys.path: one quantize_static recipe for every bench
+from bench_lite0 import quantize_static_model
 
-from qwt_deploy import api  # noqa: E402
-from qwt_deploy.comparison.agreement import compare, kl_divergence, output_step  # noqa: E402
-from qwt_deploy.config import QuantizeConfig  # noqa: E402
-from qwt_deploy.data.photos import calibration_photos, crops, evaluation_photos  # noqa: E402
-from qwt_deploy.data.preprocess import LITE0  # noqa: E402
-from qwt_deploy.examples.efficientnet_lite0 import build  # noqa: E402
-from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_samples_ms, run  # noqa: E402
-from qwt_deploy.runtime.openvino import InferencePrecision, OpenVinoSession, layer_precisions, probe_openvino  # noqa: E402
+from qwt_deploy import api
+from qwt_deploy.comparison.agreement import compare, kl_divergence, output_step
+from qwt_deploy.config import QuantizeConfig
+from qwt_deploy.data.photos import calibration_photos, crops, evaluation_photos
+from qwt_deploy.data.preprocess import LITE0
+from qwt_deploy.examples.efficientnet_lite0 import build
+from qwt_deploy.runtime.onnxruntime import SessionFromOnnx, interleaved_samples_ms, run
+from qwt_deploy.runtime.openvino import InferencePrecision, OpenVinoSession, layer_precisions, probe_openvino
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

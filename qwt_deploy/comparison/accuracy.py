@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import QwtError
 from .agreement import kl_divergence, output_kind, row_cosines
+from .layerwise import sqnr_db as layer_sqnr_db
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,10 @@ class Accuracy:
 
 
 def sqnr_db(reference: np.ndarray, other: np.ndarray) -> float:
+    """Over all elements; an all-zero reference gives a very low finite figure, not -inf."""
     ref = reference.astype(np.float64)
     noise = float(np.sum((ref - other.astype(np.float64)) ** 2))
-    signal = float(np.sum(ref ** 2))
-    return float("inf") if noise == 0 else 10.0 * math.log10(max(signal, 1e-300) / noise)
+    return layer_sqnr_db(max(float(np.sum(ref ** 2)), 1e-300), noise)
 
 
 def measure(fp32: np.ndarray, quantized: np.ndarray, labels: Optional[np.ndarray] = None, source: str = "",
